@@ -1,0 +1,109 @@
+"""The ``kmim`` command line: run | verify | eval tokenizer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kmim.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a tokenizer or a trained model.")
+app.add_typer(eval_app, name="eval")
+console = Console(stderr=True)
+
+
+def _report_table(report: dict, title: str) -> Table:
+    table = Table(title=title, show_header=False)
+    for key, value in report.items():
+        table.add_row(key, "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+@app.command()
+def run(
+    out: str | None = typer.Option(None, help="output dataset directory (required here or in --config)"),
+    input: str | None = typer.Option(None, help="ImageFolder dir, tar shard(s)/brace pattern, Parquet; "
+                                        "default: built-in digits sample"),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with the same settings"),
+    extractor: str | None = typer.Option(None, help="pixel"),
+    k: int | None = typer.Option(None, "--k", help="codebook size [50]"),
+    image_size: int | None = typer.Option(None, help="resize shorter side + center crop [224]"),
+    patch_size: int | None = typer.Option(None, help="patch size in pixels [16]"),
+    seed: int | None = typer.Option(None, help="[0]"),
+    normalize: str | None = typer.Option(None, help="imagenet | none [imagenet]"),
+    norm_pix: bool | None = typer.Option(None, "--norm-pix/--no-norm-pix", help="per-patch normalization"),
+    kmeans_epochs: int | None = typer.Option(None, help="[20]"),
+    kmeans_batch_size: int | None = typer.Option(None, help="[8192]"),
+    fit_images: int | None = typer.Option(None, help="images sampled for the fit [10000]"),
+    fit_patches: int | None = typer.Option(None, help="patches sampled for the fit [200000]"),
+    assign: str | None = typer.Option(None, help="auto | faiss | torch [auto]"),
+    shard_size: int | None = typer.Option(None, help="samples per shard [1000]"),
+    batch_size: int | None = typer.Option(None, help="images per extraction batch [64]"),
+    runner: str | None = typer.Option(None, help="ray | local [ray]"),
+    ray_address: str | None = typer.Option(None, help="join a Ray cluster (default: embedded, or RAY_ADDRESS)"),
+    max_in_flight: int | None = typer.Option(None, help="shard tasks in flight [2 x CPUs]"),
+    image_column: str | None = typer.Option(None, help="Parquet image-bytes column [image]"),
+    label_column: str | None = typer.Option(None, help="Parquet label column [label]"),
+    min_image_size: int | None = typer.Option(None, help="skip images with a shorter side below this [8]"),
+    max_image_pixels: int | None = typer.Option(None, help="skip larger images as decompression bombs"),
+) -> None:
+    """Fit a codebook and tokenize a dataset into verified WebDataset shards (resumes if interrupted)."""
+    overrides = {name: value for name, value in locals().items() if name != "config"}
+    from kmim.pipeline.job import JobError, run_job
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        console.print(f"[red]config error[/red]\n{e}")
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console.print(f"kmim run: input={cfg.input or 'built-in digits sample'} out={cfg.out} extractor={cfg.extractor} "
+                  f"K={cfg.k} image={cfg.image_size} patch={cfg.patch_size} runner={cfg.runner}")
+    try:
+        summary = run_job(cfg)
+    except (ConfigError, JobError, ValueError, OSError) as e:
+        console.print(f"[red]error[/red]: {e}")
+        raise typer.Exit(1) from None
+    report = summary.pop("report")
+    summary["skipped"] = summary["skipped"] or "none"
+    timing = summary.pop("timing")
+    summary["time_shares"] = ", ".join(f"{k} {v:.1f}s" for k, v in timing.items())
+    console.print(_report_table(summary, "job summary"))
+    console.print(_report_table(report, "tokenizer report"))
+
+
+@app.command()
+def verify(root: Path = typer.Argument(..., help="dataset directory")) -> None:
+    """Re-read every shard: sha256, sample counts, token dtype/shape/range, index consistency. Exit 0 iff intact."""
+    from kmim.datasets.verify import verify_dataset
+
+    problems = verify_dataset(root)
+    for p in problems:
+        console.print(f"[red]FAIL[/red] {p}")
+    if problems:
+        console.print(f"{root}: {len(problems)} problem(s)")
+        raise typer.Exit(1)
+    console.print(f"{root}: OK")
+
+
+@eval_app.command("tokenizer")
+def eval_tokenizer(root: Path = typer.Argument(..., help="dataset directory"),
+                   as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """TCAS (null without labels), codebook utilization, token perplexity, K, samples."""
+    from kmim.tokenizers.metrics import dataset_report
+
+    try:
+        report = dataset_report(root)
+    except (OSError, ValueError) as e:
+        console.print(f"[red]error[/red]: {e}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(report))
+    else:
+        Console().print(_report_table(report, f"tokenizer report: {root}"))

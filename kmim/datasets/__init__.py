@@ -1,0 +1,1 @@
+"""The on-disk contract: preprocessing, shards, manifest, verification (writer and reader side)."""

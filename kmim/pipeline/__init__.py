@@ -1,0 +1,1 @@
+"""Orchestration: input sources, stages over one shard, runners, the job."""

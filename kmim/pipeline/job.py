@@ -1,0 +1,135 @@
+"""The ``kmim run`` job: plan -> fit codebook -> tokenize missing shards -> manifest -> report.
+
+Resumable by construction: a finished shard (its tar exists) is never redone, the codebook is reused
+when present, and the manifest is rebuilt from the shards' index stats, so a resumed job commits the
+same manifest as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kmim.config import ConfigError, JobConfig
+from kmim.datasets.manifest import CODEBOOK, MANIFEST, build_manifest, shard_name, write_manifest
+from kmim.datasets.shards import tmp_path
+from kmim.pipeline.runners import map_shards
+from kmim.pipeline.sources import InputShard, plan_inputs
+from kmim.pipeline.stages import preprocess_of, sample_fit_features, token_dtype, tokenize_shard
+from kmim.tokenizers.codebook import Codebook, load_codebook, save_codebook
+from kmim.tokenizers.extractors import build_extractor
+from kmim.tokenizers.kmeans import fit_kmeans
+from kmim.tokenizers.metrics import dataset_report
+
+log = logging.getLogger("kmim")
+JOB_FILE = "job.json"
+# Settings that do not change any output byte; everything else must match to resume into a directory.
+_NOT_MATERIAL = {"out", "runner", "ray_address", "max_in_flight", "batch_size", "assign"}
+
+
+class JobError(RuntimeError):
+    """The job ran but did not commit a dataset (some shards failed)."""
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _check_job_file(out: Path, cfg: JobConfig, shards: list[InputShard]) -> None:
+    """Record the job's material settings; refuse to resume a directory written with other settings."""
+    job = {"settings": cfg.model_dump(exclude=_NOT_MATERIAL), "inputs": _digest([repr(s) for s in shards])}
+    path = out / JOB_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [k for k in job["settings"] if old.get("settings", {}).get(k) != job["settings"][k]]
+        if changed:
+            f = changed[0]
+            raise ConfigError(f"{out} holds a job with other settings: field '{f}' was "
+                              f"{old['settings'].get(f)!r}, now {job['settings'][f]!r} (use another --out)")
+        if old.get("inputs") != job["inputs"]:
+            raise ConfigError(f"{out} holds a job over different input files (field 'input'); use another --out")
+        return
+    tmp = tmp_path(path)
+    tmp.write_text(json.dumps(job, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path) -> Codebook:
+    extractor = build_extractor(cfg)
+    per_shard = max(64, math.ceil(cfg.fit_images / len(shards)))
+    n_fit = min(len(shards), math.ceil(cfg.fit_images / per_shard))
+    chosen = sorted({int(round(i)) for i in np.linspace(0, len(shards) - 1, n_fit)})
+    patches_per_image = max(1, min(cfg.grid**2, math.ceil(cfg.fit_patches / cfg.fit_images)))
+    parts: dict[int, np.ndarray] = {}
+    for shard, feats, error in map_shards(sample_fit_features, [shards[i] for i in chosen], cfg, per_shard,
+                                          patches_per_image, runner=cfg.runner, desc="sample features",
+                                          address=cfg.ray_address, max_in_flight=cfg.max_in_flight):
+        if error is not None:
+            raise JobError(f"sampling fit features from {shard.describe()} failed: {error}") from error
+        parts[shard.index] = feats
+    x = np.concatenate([parts[i] for i in sorted(parts)])
+    if x.shape[0] > cfg.fit_patches:
+        x = x[np.random.default_rng(cfg.seed).choice(x.shape[0], cfg.fit_patches, replace=False)]
+    if x.shape[0] < cfg.k:
+        raise JobError(f"only {x.shape[0]} patch features for k={cfg.k} (field 'k'): too few decodable images")
+    t0 = time.perf_counter()
+    result = fit_kmeans(torch.from_numpy(x), cfg.k, epochs=cfg.kmeans_epochs, batch_size=cfg.kmeans_batch_size,
+                        seed=cfg.seed, metric=extractor.metric, method=cfg.assign,
+                        log=lambda s: log.info("k-means epoch %(epoch)d: inertia/point %(inertia).4f, "
+                                               "utilization %(utilization).3f", s))
+    meta = {**extractor.metadata(), "image_size": cfg.image_size, "k": cfg.k,
+            "kmeans": {"algorithm": "minibatch", "init": "k-means++", "epochs": cfg.kmeans_epochs,
+                       "batch_size": cfg.kmeans_batch_size, "seed": cfg.seed, "fit_points": int(x.shape[0])},
+            "fit_sample_sha256": hashlib.sha256(x.tobytes()).hexdigest(),
+            "inertia": result.inertia, "inertia_per_point": result.inertia / x.shape[0],
+            "utilization": result.utilization}
+    # Wall time stays out of the metadata: it would change the tokenizer_id from run to run.
+    log.info("k-means fit: %d points x %d dims -> K=%d in %.1fs", x.shape[0], x.shape[1], cfg.k,
+             time.perf_counter() - t0)
+    book = Codebook(result.centroids, meta)
+    save_codebook(path, book)
+    return book
+
+
+def run_job(cfg: JobConfig) -> dict:
+    """Run (or resume) a job; returns a summary with the tokenizer report. Raises JobError on failures."""
+    t_start = time.perf_counter()
+    shards, labels = plan_inputs(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_job_file(out, cfg, shards)
+    book_path = out / CODEBOOK
+    fitted = not book_path.exists()
+    book = _fit_codebook(cfg, shards, book_path) if fitted else load_codebook(book_path)
+    todo = [s for s in shards if not (out / shard_name(s.index)).exists()]
+    failures, timing = [], {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
+    for shard, stats, error in map_shards(tokenize_shard, todo, cfg, str(book_path), str(out), runner=cfg.runner,
+                                          desc="tokenize", address=cfg.ray_address,
+                                          max_in_flight=cfg.max_in_flight):
+        if error is not None:
+            failures.append(f"{shard.describe()}: {type(error).__name__}: {error}")
+        else:
+            for phase, seconds in stats["timing"].items():
+                timing[phase] += seconds
+    if failures:
+        raise JobError(f"{len(failures)} of {len(shards)} shards failed; no manifest written "
+                       "(rerun to retry them):\n  " + "\n  ".join(failures))
+    dataset = {"tokenizer_id": book.tokenizer_id, "codebook": {"path": CODEBOOK, "k": book.k,
+                                                                "metadata": book.metadata},
+               "token_grid": {"shape": [cfg.grid, cfg.grid], "dtype": token_dtype(book.k).name,
+                              "patch_size": cfg.patch_size},
+               "preprocess": preprocess_of(cfg).describe(), "labels": labels}
+    manifest = build_manifest(out, [shard_name(s.index) for s in shards], dataset=dataset)
+    if not (out / MANIFEST).exists() or json.loads((out / MANIFEST).read_text()) != manifest:
+        write_manifest(out, manifest)
+    return {"out": str(out), "samples": manifest["samples"], "inputs": manifest["inputs"],
+            "skipped": manifest["skipped"], "shards": len(shards), "shards_written": len(todo),
+            "codebook_fitted": fitted, "tokenizer_id": book.tokenizer_id, "seconds": time.perf_counter() - t_start,
+            "timing": timing, "report": dataset_report(out)}

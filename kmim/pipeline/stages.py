@@ -1,0 +1,159 @@
+"""The two stages, each a function over one input shard: sample fit features, and tokenize.
+
+Both run unchanged in-process or as Ray tasks. Decoding goes through
+:func:`kmim.datasets.preprocess.decode_view`, the same function the training loader uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kmim.datasets.manifest import index_name, shard_name, write_index
+from kmim.datasets.preprocess import Preprocess, SkipImage, View, decode_view
+from kmim.datasets.shards import ShardWriter, encode_npy
+from kmim.pipeline.sources import InputShard, RawSample, read_shard
+from kmim.tokenizers.assign import nearest
+from kmim.tokenizers.codebook import Codebook, load_codebook
+from kmim.tokenizers.extractors import build_extractor
+
+
+def sample_key(source: str) -> str:
+    """Stable 16-hex-digit key of an input; sources are unique within a dataset, hence keys too."""
+    return hashlib.sha1(source.encode()).hexdigest()[:16]
+
+
+def preprocess_of(cfg) -> Preprocess:
+    return Preprocess(cfg.image_size, cfg.min_image_size, cfg.max_image_pixels)
+
+
+def token_dtype(k: int) -> np.dtype:
+    return np.dtype(np.uint16) if k <= 65536 else np.dtype(np.int32)
+
+
+def _decoded(shard: InputShard, cfg) -> Iterator[tuple[RawSample, View | None, str | None]]:
+    """(raw sample, view or None, skip reason or None) for every input of the shard, in order."""
+    pre = preprocess_of(cfg)
+    for raw in read_shard(shard, cfg):
+        if raw.skip is not None:
+            yield raw, None, raw.skip
+            continue
+        try:
+            yield raw, decode_view(raw.data or b"", pre), None
+        except SkipImage as e:
+            yield raw, None, e.reason
+
+
+def _batch_tensor(views: list[View]) -> torch.Tensor:
+    """uint8 [B, 3, S, S] from views' [S, S, 3] pixels."""
+    return torch.from_numpy(np.stack([v.pixels for v in views])).permute(0, 3, 1, 2)
+
+
+def sample_fit_features(shard: InputShard, cfg, n_images: int, patches_per_image: int) -> np.ndarray:
+    """Patch features float32 [n, D] from the first ``n_images`` decodable images of the shard.
+
+    From each image, ``patches_per_image`` patches are drawn without replacement by a generator
+    seeded with (seed, sample key), so the fit sample does not depend on the runner or batch size.
+    """
+    extractor = build_extractor(cfg)
+    views, keys = [], []
+    for raw, view, _ in _decoded(shard, cfg):
+        if view is not None:
+            views.append(view)
+            keys.append(sample_key(raw.source))
+            if len(views) == n_images:
+                break
+    out = []
+    for start in range(0, len(views), cfg.batch_size):
+        with torch.inference_mode():
+            feats = extractor(_batch_tensor(views[start:start + cfg.batch_size]))
+        feats = feats.reshape(feats.shape[0], -1, feats.shape[-1]).float().numpy()
+        for f, key in zip(feats, keys[start:start + cfg.batch_size], strict=True):
+            rng = np.random.default_rng([cfg.seed, int(key, 16)])
+            out.append(f[rng.choice(f.shape[0], size=min(patches_per_image, f.shape[0]), replace=False)])
+    return np.concatenate(out) if out else np.zeros((0, extractor.dim), np.float32)
+
+
+@lru_cache(maxsize=2)
+def _cached_codebook(path: str, mtime_ns: int) -> Codebook:
+    return load_codebook(path)
+
+
+def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> dict:
+    """Tokenize one input shard into ``out_dir/shard-XXXXX.tar`` (+ its index), atomically.
+
+    Returns the shard stats (also stored in the index) plus ``timing`` seconds per phase.
+    """
+    book = _cached_codebook(codebook_path, Path(codebook_path).stat().st_mtime_ns)
+    extractor = build_extractor(cfg)
+    centroids = book.centroids
+    dtype = token_dtype(book.k)
+    out = Path(out_dir)
+    name = shard_name(shard.index)
+    writer = ShardWriter(out / name)
+    rows: list[dict] = []
+    skipped: dict[str, int] = {}
+    counts: dict[int, np.ndarray] = {}
+    timing = {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
+    pending: list[tuple[RawSample, View]] = []
+
+    def flush() -> None:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            feats = extractor(_batch_tensor([v for _, v in pending]))
+        t1 = time.perf_counter()
+        b, h, w, d = feats.shape
+        tokens, _ = nearest(feats.reshape(-1, d), centroids, metric=extractor.metric, method=cfg.assign)
+        tokens = tokens.reshape(b, h, w).numpy().astype(dtype)
+        t2 = time.perf_counter()
+        for (raw, view), grid in zip(pending, tokens, strict=True):
+            key = sample_key(raw.source)
+            label = -1 if raw.label is None else raw.label
+            counts.setdefault(label, np.zeros(book.k, np.int64))
+            counts[label] += np.bincount(grid.ravel(), minlength=book.k)
+            meta = {"key": key, "source": raw.source, "label": raw.label, "view": view.geometry}
+            writer.write({"__key__": key, view.ext: raw.data, "tokens.npy": encode_npy(grid),
+                          "json": json.dumps(meta, sort_keys=True).encode()})
+        timing["extract"] += t1 - t0
+        timing["assign"] += t2 - t1
+        timing["write"] += time.perf_counter() - t2
+        pending.clear()
+
+    try:
+        t = time.perf_counter()
+        for raw, view, reason in _decoded(shard, cfg):
+            timing["decode"] += time.perf_counter() - t
+            size = view.geometry["source_size"] if view is not None else [None, None]
+            rows.append({"key": sample_key(raw.source), "source": raw.source, "label": raw.label,
+                         "status": reason or "ok", "width": size[0], "height": size[1]})
+            if reason is not None:
+                skipped[reason] = skipped.get(reason, 0) + 1
+            else:
+                pending.append((raw, view))
+                if len(pending) == cfg.batch_size:
+                    flush()
+            t = time.perf_counter()
+        if pending:
+            flush()
+        t = time.perf_counter()
+        sha, nbytes = writer.close()
+        labels = sorted(counts)
+        nz = [(lab, tok, int(counts[lab][tok])) for lab in labels for tok in np.flatnonzero(counts[lab])]
+        stats = {"samples": writer.samples, "inputs": len(rows), "bytes": nbytes, "sha256": sha,
+                 "skipped": skipped, "tokenizer_id": book.tokenizer_id,
+                 "token_counts": {"label": [r[0] for r in nz], "token": [int(r[1]) for r in nz],
+                                  "count": [r[2] for r in nz]}}
+        write_index(out / index_name(name), rows, stats)
+        writer.commit()
+        timing["write"] += time.perf_counter() - t
+    except BaseException:
+        writer.abort()
+        raise
+    return {**stats, "shard": name, "timing": timing}

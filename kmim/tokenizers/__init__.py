@@ -1,0 +1,1 @@
+"""Patch-feature extractors, k-means, nearest-centroid assignment, codebook artifact, metrics."""

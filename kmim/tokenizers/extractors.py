@@ -1,0 +1,76 @@
+"""Patch-feature extractors: uint8 images [B, 3, H, W] -> features float32 [B, H/p, W/p, D].
+
+Every extractor has the same call signature so the fit and tokenize stages never know which one runs.
+Feature row-major order matches the image's patch grid (row ``i``, column ``j`` is the patch at pixel
+rows ``i*p:(i+1)*p`` and columns ``j*p:(j+1)*p``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Extractor(Protocol):
+    """What the pipeline needs from a feature extractor."""
+
+    dim: int
+    metric: str  # "l2" (Euclidean k-means) or "ip" (spherical k-means on L2-normalized features)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images uint8 [B, 3, H, W] -> float32 features [B, h, w, dim]."""
+        ...
+
+    def metadata(self) -> dict:
+        """Everything that determines the features (goes into the codebook's tokenizer_id)."""
+        ...
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H/p, W/p, p*p*C] in MAE order (within a patch: row, column, channel)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, h // p, w // p, p * p * c)
+
+
+@dataclass
+class PixelExtractor:
+    """K-MIM PIXEL: the raw p*p*3 patch after the training normalization (768-d for p=16)."""
+
+    patch_size: int
+    normalize: str = "imagenet"
+    norm_pix: bool = False
+    metric: str = field(default="l2", init=False)
+
+    @property
+    def dim(self) -> int:
+        return self.patch_size * self.patch_size * 3
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0
+        if self.normalize == "imagenet":
+            mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+            std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+            x = (x - mean) / std
+        feats = patchify(x, self.patch_size)
+        if self.norm_pix:
+            mean = feats.mean(dim=-1, keepdim=True)
+            var = feats.var(dim=-1, keepdim=True)
+            feats = (feats - mean) / (var + 1.0e-6) ** 0.5
+        return feats
+
+    def metadata(self) -> dict:
+        return {"extractor": "pixel", "weights_digest": None, "layer": None, "patch_size": self.patch_size,
+                "normalize": self.normalize, "norm_pix": self.norm_pix, "dim": self.dim, "metric": self.metric}
+
+
+def build_extractor(cfg) -> Extractor:
+    """Construct the extractor a :class:`kmim.config.JobConfig` asks for."""
+    if cfg.extractor == "pixel":
+        return PixelExtractor(cfg.patch_size, cfg.normalize, cfg.norm_pix)
+    raise ValueError(f"field 'extractor': unknown extractor {cfg.extractor!r}")

@@ -1,0 +1,69 @@
+"""Tokenizer quality before training: TCAS, codebook utilization and token perplexity.
+
+All metrics start from a token-by-class count matrix ``R[i, j]`` = number of patches with token ``i``
+in images of class ``j``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from kmim.datasets.manifest import read_index_stats, read_manifest
+
+
+def tcas(counts: np.ndarray) -> float:
+    """Token-Class Alignment Similarity (ClusterMIM), lower is better. counts [K, C] patch counts.
+
+    Rows are normalized to sum 1 (each token's class distribution) and only tokens that occur count
+    toward K:  TCAS = (1/K) sum_i (1 - |R_i|_2)^2 + (1/K^2) sum_{i != i'} (R_i . R_i')^2.
+    A tokenizer whose every token lives in one class scores 0; a single token shared by C equally
+    frequent classes scores (1 - 1/sqrt(C))^2.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    counts = counts[counts.sum(1) > 0]
+    if counts.shape[0] == 0:
+        raise ValueError("TCAS of an empty token histogram")
+    r = counts / counts.sum(1, keepdims=True)
+    k = r.shape[0]
+    gram = r @ r.T
+    diag = np.diag(gram)
+    off = (gram**2).sum() - (diag**2).sum()
+    return float(((1 - np.sqrt(diag)) ** 2).sum() / k + off / k**2)
+
+
+def perplexity(hist: np.ndarray) -> float:
+    """exp(entropy) of a token histogram [K]: the effective number of codes in use."""
+    p = np.asarray(hist, dtype=np.float64)
+    p = p[p > 0] / p.sum()
+    return float(math.exp(-(p * np.log(p)).sum()))
+
+
+def token_report(counts: np.ndarray, k: int, samples: int, labeled: bool) -> dict:
+    """The tokenizer report: counts [K, C] (C = 1 and ``labeled=False`` when there are no labels)."""
+    hist = counts.sum(1)
+    empty = hist.sum() == 0
+    used = int((hist > 0).sum())
+    return {"tcas": tcas(counts) if labeled and not empty else None, "utilization": used / k,
+            "perplexity": 0.0 if empty else perplexity(hist), "k": k, "used_codes": used, "samples": samples,
+            "patches": int(hist.sum()), "classes": int(counts.shape[1]) if labeled else None}
+
+
+def dataset_report(root: str | Path) -> dict:
+    """Tokenizer report of a committed dataset, from the token counts in its shard indexes."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    k = manifest["codebook"]["k"]
+    by_label: dict[int, np.ndarray] = {}
+    for entry in manifest["shards"]:
+        tc = read_index_stats(root / entry["index"])["token_counts"]
+        for label, token, count in zip(tc["label"], tc["token"], tc["count"], strict=True):
+            by_label.setdefault(label, np.zeros(k, np.int64))[token] += count
+    labels = sorted(by_label)
+    labeled = bool(labels) and -1 not in labels
+    counts = np.stack([by_label[lab] for lab in labels], axis=1) if labels else np.zeros((k, 1), np.int64)
+    if not labeled:
+        counts = counts.sum(1, keepdims=True)
+    return token_report(counts, k, manifest["samples"], labeled)
