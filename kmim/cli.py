@@ -15,7 +15,7 @@ from kmim.config import ConfigError, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a tokenizer or a trained model.")
 app.add_typer(eval_app, name="eval")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _report_table(report: dict, title: str) -> Table:
@@ -107,3 +107,7 @@ def eval_tokenizer(root: Path = typer.Argument(..., help="dataset directory"),
         print(json.dumps(report))
     else:
         Console().print(_report_table(report, f"tokenizer report: {root}"))
+
+
+if __name__ == "__main__":
+    app()

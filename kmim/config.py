@@ -45,9 +45,10 @@ class JobConfig(BaseModel):
     @model_validator(mode="after")
     def _check_geometry(self) -> JobConfig:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+            raise ValueError(f"field 'image_size' ({self.image_size}) must be a multiple of field 'patch_size' "
+                             f"({self.patch_size})")
         if self.k > self.fit_patches:
-            raise ValueError(f"k ({self.k}) must not exceed fit_patches ({self.fit_patches})")
+            raise ValueError(f"field 'k' ({self.k}) must not exceed field 'fit_patches' ({self.fit_patches})")
         return self
 
     @property
@@ -58,7 +59,10 @@ class JobConfig(BaseModel):
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "config"
+        if not e["loc"]:  # a check across fields: its message names them
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
+            continue
+        field = ".".join(str(p) for p in e["loc"])
         value = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
         lines.append(f"{source}: field '{field}': {e['msg']}{value}")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -77,8 +78,9 @@ class ShardWriter:
         os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        with contextlib.suppress(Exception):  # the tar stream may be mid-member; it is discarded anyway
+            self._tar.close()
+        self._file.close()
         self.tmp.unlink(missing_ok=True)
 
 

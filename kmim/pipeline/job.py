@@ -105,6 +105,8 @@ def run_job(cfg: JobConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_job_file(out, cfg, shards)
+    for stale in out.glob(".*.tmp-*"):  # leftovers of a killed run; never visible as outputs
+        stale.unlink()
     book_path = out / CODEBOOK
     fitted = not book_path.exists()
     book = _fit_codebook(cfg, shards, book_path) if fitted else load_codebook(book_path)

@@ -82,15 +82,15 @@ def _pick_method(x: torch.Tensor, c: torch.Tensor, metric: str) -> str:
 
 
 def _exact(x: torch.Tensor, c: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Brute force in float64: score and argmin (first index on ties) over all centroids."""
-    x64, c64 = x.double(), c.double()
+    """Brute force in float64 by direct per-pair reduction (no GEMM, whose rounding depends on blocking):
+    score and argmin (first index on ties) over all centroids."""
+    x64, c64 = x.double()[:, None, :], c.double()[None]
+    step = max(1, _EXACT_ELEMS // max(1, x.shape[0] * c.shape[1]))
     if metric == "ip":
-        s = -(x64 @ c64.T)
+        parts = [-(x64 * c64[:, i:i + step]).sum(-1) for i in range(0, c.shape[0], step)]
     else:
-        step = max(1, _EXACT_ELEMS // max(1, x.shape[0] * c.shape[1]))
-        s = torch.cat([((x64[:, None, :] - c64[None, i:i + step, :]) ** 2).sum(-1)
-                       for i in range(0, c.shape[0], step)], dim=1)
-    v, i = s.min(dim=1)
+        parts = [((x64 - c64[:, i:i + step]) ** 2).sum(-1) for i in range(0, c.shape[0], step)]
+    v, i = torch.cat(parts, dim=1).min(dim=1)
     return v.float(), i
 
 
