@@ -24,18 +24,18 @@ class KMeansResult:
     history: list[dict] = field(default_factory=list)  # per epoch: epoch, inertia (mean per point), utilization
 
 
-def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances [N, M] between rows of x [N, D] and c [M, D], clamped at 0."""
-    return ((x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)).clamp_min_(0)
-
-
 def kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """Greedy k-means++: each step samples 2 + ln(k) candidates by D^2 and keeps the best one. [K, D]."""
     n = x.shape[0]
     trials = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=gen))
-    centers = [x[first]]
-    closest = _sq_dist(x, x[first:first + 1]).squeeze(1)
+    x_sq = (x * x).sum(1)
+
+    def sq_dist(rows: torch.Tensor) -> torch.Tensor:  # [len(rows), N]
+        return (x_sq[rows, None] - 2 * x[rows] @ x.T + x_sq).clamp_min_(0)
+
+    first = torch.randint(n, (1,), generator=gen)
+    chosen = [first]
+    closest = sq_dist(first)[0]
     for _ in range(1, k):
         pot = closest.sum()
         if pot <= 0:  # fewer distinct points than k: fill with random points
@@ -43,12 +43,11 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Ten
         else:
             r = torch.rand(trials, generator=gen, dtype=torch.float64) * float(pot)
             idx = torch.searchsorted(torch.cumsum(closest.double(), 0), r).clamp_(max=n - 1)
-        cand = _sq_dist(x[idx], x)  # [trials, N]
-        new_closest = torch.minimum(closest.unsqueeze(0), cand)
+        new_closest = torch.minimum(closest.unsqueeze(0), sq_dist(idx))
         best = int(new_closest.sum(1).argmin())
         closest = new_closest[best]
-        centers.append(x[idx[best]])
-    return torch.stack(centers)
+        chosen.append(idx[best:best + 1])
+    return x[torch.cat(chosen)].clone()
 
 
 def _unit(c: torch.Tensor) -> torch.Tensor:
@@ -62,7 +61,8 @@ def fit_kmeans(x: torch.Tensor, k: int, *, epochs: int, batch_size: int, seed: i
 
     Each epoch visits every point once in shuffled mini-batches; centroid j moves to the running mean
     of all points ever assigned to it (per-centroid learning rate 1/count). Centroids that got no point
-    in an epoch are re-seeded to the farthest points of the epoch's last batch.
+    in an epoch are re-seeded to the farthest points of the epoch's last batch. Assignments are exact
+    nearest centroids, so the fit does not depend on which search backend ran.
     """
     if x.shape[0] < k:
         raise ValueError(f"k-means needs at least k={k} points, got {x.shape[0]}")
@@ -84,7 +84,7 @@ def fit_kmeans(x: torch.Tensor, k: int, *, epochs: int, batch_size: int, seed: i
         total = 0.0
         for start in range(0, n, batch_size):
             xb = x[order[start:start + batch_size]]
-            idx, score = nearest(xb, centroids, metric=metric, method=method, exact=False)
+            idx, score = nearest(xb, centroids, metric=metric, method=method)
             total += float(score.double().sum()) + (xb.shape[0] if metric == "ip" else 0)
             b = torch.bincount(idx, minlength=k)
             sums = torch.zeros_like(centroids).index_add_(0, idx, xb)
@@ -107,7 +107,7 @@ def fit_kmeans(x: torch.Tensor, k: int, *, epochs: int, batch_size: int, seed: i
             log(stats)
     inertia, used = 0.0, torch.zeros(k, dtype=torch.bool)
     for start in range(0, n, batch_size):
-        idx, score = nearest(x[start:start + batch_size], centroids, metric=metric, method=method, exact=False)
+        idx, score = nearest(x[start:start + batch_size], centroids, metric=metric, method=method)
         inertia += float(score.double().sum()) + (idx.numel() if metric == "ip" else 0)
         used[idx] = True
     return KMeansResult(centroids, inertia, float(used.float().mean()), history)
