@@ -1,0 +1,490 @@
+"""Training loader: stream a committed kmim dataset as (image, token grid) batches, balanced across DDP ranks.
+
+Sample order is a pure function of (seed, epoch, world layout), in the style of MosaicML Streaming:
+
+1. :func:`epoch_order` permutes the shards, concatenates their sample ids, then shuffles within
+   consecutive windows of ``shuffle_window`` samples (``np.random.default_rng([seed, epoch])``).
+2. The global sequence is cut to ``world_size * samples_per_rank`` samples, a whole number of batches per
+   rank: ``drop_last=True`` drops the tail of the shuffled order (a different tail each epoch);
+   ``drop_last=False`` pads by repeating the order from its start. Every rank therefore yields the same
+   number of full batches, so no DDP rank waits on another at the end of an epoch.
+3. Rank ``r`` takes the contiguous slice ``[r * n, (r + 1) * n)``, so each rank reads mostly its own shards.
+4. The rank's slice is cut into batches; DataLoader worker ``w`` of ``W`` builds batches ``w, w + W, ...``.
+   ``DataLoader(batch_size=None)`` takes worker outputs round-robin in order, so the rank sees its slice
+   exactly in sequence whatever the worker count, and "samples consumed" is a position in that slice:
+   :class:`TokenLoader` resumes mid-epoch from two integers.
+
+Reading: only shards the manifest lists, each read whole into memory and checked against the manifest
+(size, sample count and, unless ``verify=False``, sha256 on every load). Remote shards (any non-local
+fsspec URL) are cached on local disk by sha256, evicting the least recently used files beyond
+``cache_bytes``; local shards are read in place. Only the image member (via :func:`decode_view` with the
+manifest's preprocessing, i.e. the exact view the tokens were computed on), ``.tokens.npy``
+(``allow_pickle=False``) and ``.json`` are decoded; other members are ignored, never unpickled.
+
+Memory per worker is about ``shuffle_window / samples_per_shard + 2`` shards' bytes: a window mixes
+that many shards, and every worker of a rank reads each shard its batches touch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kmim.datasets.manifest import FORMAT, MANIFEST
+from kmim.datasets.preprocess import IMAGE_EXTS, Preprocess, SkipImage, decode_view
+from kmim.datasets.shards import decode_npy, iter_tar, sample_meta, tmp_path
+
+log = logging.getLogger("kmim")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# A plain file name inside the dataset directory: no separators, no scheme, not hidden, no "..".
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.tar$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")  # also the remote cache's file name, so it must be exactly this
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_TOKEN_DTYPES = ("uint16", "int32")
+
+
+class LoaderError(ValueError):
+    """A dataset or shard the loader refuses: not in the manifest, wrong tokenizer, checksum or content mismatch."""
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Per-sample augmentation, drawn from ``np.random.default_rng([seed, epoch, slot])`` so it resumes exactly.
+
+    ``brightness`` / ``contrast``: factors drawn uniformly from ``[1 - x, 1 + x]`` (0 = off), applied in that
+    order to pixels in [0, 1] (contrast blends towards the image's mean luminance), then clipped to [0, 1].
+    Colour jitter leaves the geometry alone, so the token grid still indexes the same patches.
+
+    ``hflip`` (geometric, opt-in): with probability 0.5 mirror the image left-right *and* the token grid's
+    columns. Positions stay exact (the view is a center crop whose width is a multiple of the patch size),
+    but each patch keeps the token of its unmirrored content: a tokenizer run on the mirrored image could
+    assign other tokens. Batches carry ``flip`` so the geometry travels with the tokens.
+    """
+
+    hflip: bool = False
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("brightness", "contrast"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"Augment.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def active(self) -> bool:
+        return self.hflip or self.brightness > 0 or self.contrast > 0
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+def _preprocess(manifest: dict, where: str) -> Preprocess:
+    """The :class:`Preprocess` the manifest describes; refuses one :func:`decode_view` does not implement."""
+    desc = manifest.get("preprocess") or {}
+    try:
+        pre = Preprocess(desc["image_size"], desc["min_image_size"], desc["max_image_pixels"])
+    except (KeyError, TypeError) as e:
+        raise LoaderError(f"{where}: incomplete 'preprocess' ({e})") from None
+    if pre.describe() != desc:
+        raise LoaderError(f"{where}: 'preprocess' {desc} is not the view this kmim version decodes "
+                          f"({pre.describe()})")
+    return pre
+
+
+def open_manifest(root: str | os.PathLike, *, expect_tokenizer_id: str | None = None,
+                  storage_options: dict | None = None) -> dict:
+    """Read and check ``<root>/manifest.json`` (a local path or any fsspec URL); return it.
+
+    Raises :class:`LoaderError` when the manifest is missing or malformed, lists a shard path that is not a
+    plain ``*.tar`` name inside the dataset directory (or lists one twice), its counts disagree, its token
+    grid is not 2-D [h, w] matching the preprocessing, or its ``tokenizer_id`` is not ``expect_tokenizer_id``.
+    """
+    url = _join(os.fspath(root), MANIFEST)
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            manifest = json.loads(f.read())
+    except FileNotFoundError:
+        raise LoaderError(f"{url}: no manifest (the dataset is missing or was never committed)") from None
+    except ValueError as e:
+        raise LoaderError(f"{url}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise LoaderError(f"{url}: format {got!r} is not {FORMAT!r}")
+    if expect_tokenizer_id is not None and manifest.get("tokenizer_id") != expect_tokenizer_id:
+        raise LoaderError(f"{url}: tokenizer_id {manifest.get('tokenizer_id')!r} is not the expected "
+                          f"{expect_tokenizer_id!r} (tokens from another codebook)")
+    entries = manifest.get("shards")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise LoaderError(f"{url}: 'shards' is not a list of shard entries")
+    for e in entries:
+        if not isinstance(e.get("path"), str) or not _SHARD_NAME.match(e["path"]):
+            raise LoaderError(f"{url}: shard path {e.get('path')!r} is not a plain .tar name inside the dataset")
+        if not (_is_count(e.get("samples")) and _is_count(e.get("bytes"))
+                and isinstance(e.get("sha256"), str) and _SHA256.match(e["sha256"])):
+            raise LoaderError(f"{url}: shard {e['path']}: 'samples', 'bytes' or 'sha256' missing or invalid")
+    if len({e["path"] for e in entries}) != len(entries):
+        raise LoaderError(f"{url}: a shard is listed twice")
+    if sum(e["samples"] for e in entries) != manifest.get("samples"):
+        raise LoaderError(f"{url}: shard sample counts do not add up to 'samples'")
+    pre = _preprocess(manifest, url)
+    grid = manifest.get("token_grid") or {}
+    p = grid.get("patch_size")
+    if not (_is_count(p) and p > 0 and pre.image_size % p == 0 and grid.get("shape") == [pre.image_size // p] * 2):
+        raise LoaderError(f"{url}: token grid {grid} does not tile the {pre.image_size}px view as [h, w]")
+    if grid.get("dtype") not in _TOKEN_DTYPES or not _is_count((manifest.get("codebook") or {}).get("k")):
+        raise LoaderError(f"{url}: token dtype {grid.get('dtype')!r} or codebook 'k' invalid")
+    return manifest
+
+
+def epoch_order(counts: Sequence[int], seed: int, epoch: int, *, shuffle: bool = True,
+                window: int = 4096) -> np.ndarray:
+    """Global sample ids int64 [N] in this epoch's order; id = shard's offset (manifest order) + position in it.
+
+    With ``shuffle``: shards in a random order, then samples shuffled within consecutive windows of
+    ``window`` samples, all from ``np.random.default_rng([seed, epoch])``. Without: manifest order.
+    """
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    if not shuffle:
+        return np.arange(offsets[-1], dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(counts))
+    ids = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in perm] or [np.zeros(0, np.int64)])
+    keys = rng.random(len(ids))
+    return ids[np.lexsort((keys, np.arange(len(ids)) // window))]
+
+
+class _ShardStore:
+    """Reads manifest-listed shards as bytes: local ones in place, remote ones through an LRU disk cache."""
+
+    def __init__(self, root: str, entries: dict[str, dict], storage_options: dict, verify: bool,
+                 cache_dir: Path, cache_bytes: int):
+        self.root, self.entries, self.storage_options = root, entries, storage_options
+        self.verify, self.cache_dir, self.cache_bytes = verify, cache_dir, cache_bytes
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._path = ""
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fs": None}  # filesystems are reopened per worker process
+
+    def _filesystem(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            self._fs, self._path = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        return self._fs
+
+    def _problem(self, name: str, data: bytes) -> str | None:
+        entry = self.entries[name]
+        if len(data) != entry["bytes"]:
+            return f"{name}: {len(data)} bytes, manifest says {entry['bytes']}"
+        if self.verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            return f"{name}: sha256 does not match the manifest's {entry['sha256'][:12]}... (corrupt or replaced)"
+        return None
+
+    def read(self, name: str) -> bytes:
+        if name not in self.entries:
+            raise LoaderError(f"{name}: not in the manifest, so not part of the dataset")
+        fs = self._filesystem()
+        remote = not isinstance(fs, LocalFileSystem)
+        cached = self.cache_dir / f"{self.entries[name]['sha256']}.tar"
+        use_cache = remote and self.entries[name]["bytes"] <= self.cache_bytes
+        if use_cache:
+            try:
+                data = cached.read_bytes()
+            except FileNotFoundError:
+                pass
+            else:
+                if self._problem(name, data) is None:
+                    with contextlib.suppress(FileNotFoundError):  # evicted by another worker meanwhile
+                        os.utime(cached)  # mtime is the LRU clock
+                    return data
+                cached.unlink(missing_ok=True)
+        with fs.open(_join(self._path, name), "rb") as f:
+            data = f.read()
+        if (problem := self._problem(name, data)) is not None:
+            raise LoaderError(problem)
+        if use_cache:
+            self._store(cached, data)
+        return data
+
+    def _store(self, final: Path, data: bytes) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_path(final)
+        tmp.write_bytes(data)
+        os.replace(tmp, final)
+        files = []
+        for p in self.cache_dir.glob("*.tar"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:  # evicted by another worker meanwhile
+                continue
+            files.append((st.st_mtime_ns, st.st_size, p))
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files):
+            if total <= self.cache_bytes:
+                break
+            if p != final:
+                p.unlink(missing_ok=True)
+                total -= size
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kmim" / "shards"
+
+
+def _dist_layout() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class TokenDataset(IterableDataset):
+    """One rank's view of a kmim dataset: an iterable of whole batches in a fixed, resumable order.
+
+    Each batch is a dict: ``image`` float32 [B, 3, S, S] (normalized with ``mean`` / ``std`` over [0, 1]
+    pixels), ``tokens`` int64 [B, h, w], ``label`` int64 [B] (-1 = none), ``key`` list[str] of B,
+    ``index`` int64 [B] (global sample ids, see :func:`epoch_order`), ``flip`` bool [B].
+
+    ``rank`` / ``world_size`` default to torch.distributed's when initialized, else 0 / 1. Iteration yields
+    this rank's batches of epoch :attr:`epoch` from sample position :attr:`start`, split across DataLoader
+    workers; use :class:`TokenLoader` rather than iterating directly, it owns epoch and position.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 shuffle_window: int = 4096, drop_last: bool = True, rank: int | None = None,
+                 world_size: int | None = None, expect_tokenizer_id: str | None = None,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 augment: Augment | None = None, verify: bool = True, cache_dir: str | os.PathLike | None = None,
+                 cache_bytes: int = 16 << 30, storage_options: dict | None = None):
+        if batch_size < 1 or shuffle_window < 1 or cache_bytes < 0:
+            raise ValueError("batch_size and shuffle_window must be >= 1, cache_bytes >= 0")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        rank, world_size = _dist_layout() if rank is None else (rank, world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.root = os.fspath(root)
+        self.manifest = open_manifest(self.root, expect_tokenizer_id=expect_tokenizer_id,
+                                      storage_options=storage_options)
+        self.batch_size, self.seed, self.shuffle, self.shuffle_window = batch_size, seed, shuffle, shuffle_window
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.augment = augment or Augment()
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.shards = [e["path"] for e in self.manifest["shards"]]
+        self.counts = [e["samples"] for e in self.manifest["shards"]]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        self._pre = _preprocess(self.manifest, self.root)
+        grid = self.manifest["token_grid"]
+        self._grid, self._dtype = tuple(grid["shape"]), np.dtype(grid["dtype"])
+        self._k = self.manifest["codebook"]["k"]
+        self._store = _ShardStore(self.root, {e["path"]: e for e in self.manifest["shards"]}, storage_options or {},
+                                  verify, Path(cache_dir) if cache_dir is not None else _default_cache_dir(),
+                                  cache_bytes)
+        self._cache: OrderedDict[int, list[dict]] = OrderedDict()
+        self._cache_size = 2
+        n, global_batch = int(self.offsets[-1]), batch_size * world_size
+        per_rank = batch_size * (n // global_batch if drop_last else math.ceil(n / global_batch))
+        if per_rank == 0:
+            raise LoaderError(f"{self.root}: {n} samples are fewer than one global batch "
+                              f"({world_size} ranks x {batch_size})" + ("; use drop_last=False to pad" if n else ""))
+        self.samples_per_rank = per_rank
+        self.epoch, self.start = 0, 0
+        extra = per_rank * world_size - n
+        policy = (f"drop_last=False: repeating {extra} samples" if extra > 0 else
+                  f"drop_last=True: dropping {-extra} samples" if extra < 0 else "no remainder")
+        log.info("loader %s: %d samples in %d shards; rank %d/%d gets %d batches of %d per epoch (%s per epoch)",
+                 self.root, n, len(self.shards), rank, world_size, self.batches_per_epoch, batch_size, policy)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": OrderedDict()}  # workers start with empty shard caches
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.samples_per_rank // self.batch_size
+
+    def rank_sequence(self, epoch: int) -> np.ndarray:
+        """This rank's global sample ids int64 [samples_per_rank] for ``epoch``, in the order they are yielded."""
+        order = epoch_order(self.counts, self.seed, epoch, shuffle=self.shuffle, window=self.shuffle_window)
+        n = self.samples_per_rank
+        seq = order[:n * self.world_size] if self.drop_last else np.resize(order, n * self.world_size)
+        return seq[self.rank * n:(self.rank + 1) * n]
+
+    def read_shard(self, name: str) -> list[dict[str, bytes | str]]:
+        """The raw samples ``{"__key__": key, ext: bytes}`` of a manifest-listed shard, checked against the manifest."""
+        data = self._store.read(name)
+        samples = list(iter_tar(io.BytesIO(data), name))
+        expected = self._store.entries[name]["samples"]
+        if len(samples) != expected:
+            raise LoaderError(f"{name}: {len(samples)} samples, manifest says {expected}")
+        return samples
+
+    def _raw(self, index: int) -> tuple[dict, str]:
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        if shard in self._cache:
+            self._cache.move_to_end(shard)
+        else:
+            self._cache[shard] = self.read_shard(self.shards[shard])
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return self._cache[shard][index - int(self.offsets[shard])], self.shards[shard]
+
+    def _decode(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, int, str, bool]:
+        """(image float32 [3, S, S], tokens int64 [h, w], label, key, flipped) of one global sample id."""
+        sample, name = self._raw(index)
+        key = sample["__key__"]
+        where = f"{name}: sample {key}"
+        images = [e for e in IMAGE_EXTS if e in sample]
+        if len(images) != 1 or "tokens.npy" not in sample:
+            raise LoaderError(f"{where}: expected one image member and .tokens.npy, found {sorted(sample)}")
+        meta = sample_meta(sample, name)
+        if meta.get("key") != key:
+            raise LoaderError(f"{where}: .json key {meta.get('key')!r} does not match the member name")
+        try:
+            view = decode_view(sample[images[0]], self._pre)
+        except SkipImage as e:
+            raise LoaderError(f"{where}: stored image does not decode ({e})") from None
+        if view.geometry != meta.get("view"):
+            raise LoaderError(f"{where}: decoded view {view.geometry} is not the one the tokens were computed on "
+                              f"({meta.get('view')})")
+        tokens = decode_npy(sample["tokens.npy"])
+        if tokens.dtype != self._dtype or tokens.shape != self._grid:
+            raise LoaderError(f"{where}: tokens {tokens.dtype}{list(tokens.shape)}, manifest says "
+                              f"{self._dtype}{list(self._grid)}")
+        if tokens.size and int(tokens.max()) >= self._k:
+            raise LoaderError(f"{where}: token {int(tokens.max())} out of range for K={self._k}")
+        pixels = view.pixels.astype(np.float32) / 255.0
+        flip = False
+        if rng is not None:
+            aug = self.augment
+            # Draw every variate whether or not it is used, so one option never shifts another's stream.
+            u, f = rng.uniform(-1.0, 1.0, 2), rng.random()
+            if aug.brightness:
+                pixels *= 1.0 + aug.brightness * u[0]
+            if aug.contrast:
+                gray = (pixels @ _LUMA).mean()
+                pixels = (pixels - gray) * (1.0 + aug.contrast * u[1]) + gray
+            pixels = np.clip(pixels, 0.0, 1.0)
+            flip = aug.hflip and f < 0.5
+            if flip:
+                pixels, tokens = pixels[:, ::-1], tokens[:, ::-1]
+        image = ((pixels - self.mean) / self.std).transpose(2, 0, 1)
+        label = meta.get("label")
+        return image, tokens.astype(np.int64), -1 if label is None else int(label), key, flip
+
+    def sample(self, index: int) -> dict:
+        """One sample by global id, without augmentation: ``image`` float32 [3, S, S], ``tokens`` int64
+        [h, w], ``label`` int (-1 = none), ``key`` str."""
+        if not 0 <= index < self.offsets[-1]:
+            raise IndexError(f"sample {index} out of range [0, {int(self.offsets[-1])})")
+        image, tokens, label, key, _ = self._decode(index, None)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "tokens": torch.from_numpy(tokens),
+                "label": label, "key": key}
+
+    def batches(self, epoch: int, start: int = 0, worker: int = 0, workers: int = 1) -> Iterator[dict]:
+        """Batches ``worker``, ``worker + workers``, ... of this rank's ``epoch`` counted from sample ``start``.
+
+        The rank's samples ``[start, samples_per_rank)`` are cut into batches of ``batch_size`` from ``start``;
+        only a ``start`` that is not a multiple of ``batch_size`` leaves a short last batch.
+        """
+        seq = self.rank_sequence(epoch)
+        if self.shuffle:
+            shard_of = np.searchsorted(self.offsets, seq, side="right") - 1
+            window_of = (self.rank * self.samples_per_rank + np.arange(len(seq))) // self.shuffle_window
+            pairs = np.unique(window_of * len(self.shards) + shard_of)
+            # A window mixes this many shards; one more spares re-reads where windows meet.
+            self._cache_size = int(np.bincount(pairs // len(self.shards)).max()) + 1
+        for j, b0 in enumerate(range(start, len(seq), self.batch_size)):
+            if j % workers != worker:
+                continue
+            images, tokens, labels, keys, flips = [], [], [], [], []
+            for pos in range(b0, min(b0 + self.batch_size, len(seq))):
+                slot = self.rank * self.samples_per_rank + pos
+                rng = np.random.default_rng([self.seed, epoch, slot]) if self.augment.active else None
+                image, grid, label, key, flip = self._decode(int(seq[pos]), rng)
+                images.append(image)
+                tokens.append(grid)
+                labels.append(label)
+                keys.append(key)
+                flips.append(flip)
+            yield {"image": torch.from_numpy(np.stack(images)), "tokens": torch.from_numpy(np.stack(tokens)),
+                   "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+                   "index": torch.from_numpy(seq[b0:b0 + self.batch_size].copy()),
+                   "flip": torch.tensor(flips, dtype=torch.bool)}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.batches(self.epoch, self.start, worker, workers)
+
+
+class TokenLoader:
+    """Iterates a :class:`TokenDataset` through a DataLoader and tracks (epoch, samples consumed) for resume.
+
+    Each ``iter()`` yields the rest of the current epoch from the current position and advances to the next
+    epoch once the last batch is handed out; stopping early keeps the position. Workers are started per
+    ``iter()`` (never persistent) because they take epoch and position from the dataset when they start.
+    """
+
+    def __init__(self, dataset: TokenDataset, *, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int | None = None, multiprocessing_context: str | None = None):
+        self.dataset = dataset
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
+        self.epoch, self.samples = 0, 0
+
+    def __len__(self) -> int:
+        """Batches the next ``iter()`` yields."""
+        return math.ceil((self.dataset.samples_per_rank - self.samples) / self.dataset.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        ds = self.dataset
+        ds.epoch, ds.start = self.epoch, self.samples
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                            multiprocessing_context=self.multiprocessing_context if self.num_workers else None)
+        for batch in loader:
+            self.samples += len(batch["key"])
+            if self.samples >= ds.samples_per_rank:
+                # Advance before handing out the last batch, so a checkpoint taken after it resumes next epoch.
+                self.epoch, self.samples = self.epoch + 1, 0
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """``epoch`` and ``samples`` (consumed by this rank in it), plus ``seed`` and ``world_size`` to check."""
+        return {"epoch": self.epoch, "samples": self.samples, "seed": self.dataset.seed,
+                "world_size": self.dataset.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume where :meth:`state_dict` was taken: the next batches are those an uninterrupted run yields."""
+        ds = self.dataset
+        for field, own in (("seed", ds.seed), ("world_size", ds.world_size)):
+            if state[field] != own:
+                raise ValueError(f"loader state has {field}={state[field]}, this loader {own}: the sample order "
+                                 "differs, so the run cannot resume exactly")
+        if not 0 <= state["samples"] <= ds.samples_per_rank:
+            raise ValueError(f"loader state samples={state['samples']} is not in [0, {ds.samples_per_rank}]")
+        self.epoch, self.samples = int(state["epoch"]), int(state["samples"])
+        if self.samples == ds.samples_per_rank:
+            self.epoch, self.samples = self.epoch + 1, 0
