@@ -1,0 +1,1 @@
+"""Training side: compact ViT, masking, MIM objectives (K-MIM token CE, MAE pixels, BEiT) and MTO losses."""
