@@ -31,18 +31,32 @@ def run(
     input: str | None = typer.Option(None, help="ImageFolder dir, tar shard(s)/brace pattern, Parquet; "
                                         "default: built-in digits sample"),
     config: Path | None = typer.Option(None, "--config", help="YAML file with the same settings"),
-    extractor: str | None = typer.Option(None, help="pixel"),
+    extractor: str | None = typer.Option(None, help="pixel | dino | clip \\[pixel]"),
+    model: str | None = typer.Option(None, help="dino: timm model name (vit_small_patch16_224.dino); "
+                                     "clip: open_clip model name (ViT-B-16, RN50x64)"),
+    model_kwargs: str | None = typer.Option(None, help="JSON object of architecture overrides: timm create_model "
+                                            "kwargs (dino), merged into the open_clip model config (clip)"),
+    weights: str | None = typer.Option(None, help="weights file (.safetensors/.pth), a local timm/open_clip/"
+                                       "Hugging Face cache directory, or an open_clip pretrained tag; never "
+                                       "downloaded \\[the default local caches]"),
+    layer: int | None = typer.Option(None, help="ViT block (negative = from the end) or ResNet CLIP stage "
+                                     "(0 stem, 1..4) whose features are used \\[last]"),
+    resample: str | None = typer.Option(None, help="align to the patch grid: input (resize the image to "
+                                        "model_patch * grid) | bilinear | area (resample the feature map) \\[input]"),
+    dtype: str | None = typer.Option(None, help="auto | fp32 | bf16 (autocast) \\[auto: bf16 on CUDA, fp32 on CPU]"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda[:N] \\[auto]"),
     k: int | None = typer.Option(None, "--k", help="codebook size [50]"),
     image_size: int | None = typer.Option(None, help="resize shorter side + center crop [224]"),
     patch_size: int | None = typer.Option(None, help="patch size in pixels [16]"),
     seed: int | None = typer.Option(None, help="[0]"),
-    normalize: str | None = typer.Option(None, help="imagenet | none [imagenet]"),
+    normalize: str | None = typer.Option(None, help="pixel: imagenet | none \\[imagenet]; dino/clip features: "
+                                         "none | l2 \\[none]"),
     norm_pix: bool | None = typer.Option(None, "--norm-pix/--no-norm-pix", help="per-patch normalization"),
     kmeans_epochs: int | None = typer.Option(None, help="[20]"),
     kmeans_batch_size: int | None = typer.Option(None, help="[8192]"),
     fit_images: int | None = typer.Option(None, help="images sampled for the fit [10000]"),
     fit_patches: int | None = typer.Option(None, help="patches sampled for the fit [200000]"),
-    assign: str | None = typer.Option(None, help="auto | faiss | torch [auto]"),
+    assign: str | None = typer.Option(None, help="auto | faiss | torch \\[auto]"),
     shard_size: int | None = typer.Option(None, help="samples per shard [1000]"),
     batch_size: int | None = typer.Option(None, help="images per extraction batch [64]"),
     runner: str | None = typer.Option(None, help="ray | local [ray]"),

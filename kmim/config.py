@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+LEARNED = ("dino", "clip")
+_EXAMPLES = {"dino": "a timm model name, e.g. vit_small_patch16_224.dino",
+             "clip": "an open_clip model name, e.g. ViT-B-16 or RN50x64"}
 
 
 class ConfigError(ValueError):
@@ -20,12 +25,29 @@ class JobConfig(BaseModel):
 
     out: str = Field(description="output dataset directory")
     input: str | None = Field(None, description="ImageFolder dir, tar shard(s), or Parquet; none = built-in")
-    extractor: Literal["pixel"] = "pixel"
+    extractor: Literal["pixel", "dino", "clip"] = "pixel"
+    # The next seven settings are for the dino and clip extractors only; None = the extractor's default.
+    model: str | None = Field(None, validate_default=True, description="timm (dino) / open_clip (clip) model name")
+    model_kwargs: dict | None = Field(None, validate_default=True,
+                                      description="architecture overrides: timm create_model kwargs (dino), "
+                                                  "merged into the open_clip model config (clip)")
+    weights: str | None = Field(None, validate_default=True,
+                                description="weights file, local cache directory, or open_clip pretrained tag; "
+                                            "default: the local timm / open_clip / Hugging Face caches")
+    layer: int | None = Field(None, description="block (ViT) or stage (ResNet CLIP) index; default: the last")
+    resample: Literal["input", "bilinear", "area"] | None = Field(
+        None, description="grid alignment: resize the input to model_patch * grid (input, default), or run at "
+                          "the model's size and resample the feature map (bilinear, area)")
+    dtype: Literal["auto", "fp32", "bf16"] | None = Field(None, description="auto = bf16 autocast on CUDA, else fp32")
+    device: str | None = Field(None, pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="auto = CUDA if available")
     k: int = Field(50, ge=2, le=2**31 - 1, description="codebook size")
     image_size: int = Field(224, ge=8, le=4096)
     patch_size: int = Field(16, ge=1, le=512)
     seed: int = Field(0, ge=0)
-    normalize: Literal["imagenet", "none"] = "imagenet"
+    normalize: Literal["imagenet", "none", "l2"] | None = Field(
+        None, validate_default=True,
+        description="pixel: input normalization, imagenet (default) | none; dino/clip: feature normalization, "
+                    "none (default) | l2 (then spherical k-means and max-dot assignment)")
     norm_pix: bool = Field(False, description="per-patch mean/variance normalization (MAE norm_pix_loss)")
     kmeans_epochs: int = Field(20, ge=1, le=10_000)
     kmeans_batch_size: int = Field(8192, ge=16)
@@ -41,6 +63,88 @@ class JobConfig(BaseModel):
     label_column: str | None = "label"
     min_image_size: int = Field(8, ge=1)
     max_image_pixels: int = Field(89_478_485, ge=1)
+
+    @field_validator("model_kwargs", mode="before")
+    @classmethod
+    def _parse_json(cls, v):
+        if isinstance(v, str):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not a JSON object: {e}") from None
+        return v
+
+    @field_validator("model", "model_kwargs", "weights", "layer", "resample", "dtype", "device")
+    @classmethod
+    def _learned_only(cls, v, info: ValidationInfo):
+        if v is not None and info.data.get("extractor") == "pixel":
+            raise ValueError(f"only used by the {' and '.join(LEARNED)} extractors")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v: str | None, info: ValidationInfo) -> str | None:
+        extractor = info.data.get("extractor")
+        if extractor in LEARNED:
+            if v is None:
+                raise ValueError(f"required for extractor '{extractor}' ({_EXAMPLES[extractor]})")
+            from kmim.tokenizers.learned import check_architecture, family
+
+            family(extractor).check_name(v)
+            check_architecture(extractor, v, {}, None)
+        return v
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _check_kwargs(cls, v: dict | None, info: ValidationInfo) -> dict | None:
+        extractor, model = info.data.get("extractor"), info.data.get("model")
+        if v and extractor in LEARNED and model is not None:
+            from kmim.tokenizers.learned import check_architecture
+
+            try:
+                check_architecture(extractor, model, v, None)
+            except Exception as e:  # noqa: BLE001 - any failure to build the model is a configuration error
+                raise ValueError(f"cannot build '{model}' with {v}: {type(e).__name__}: {e}") from None
+        return v
+
+    @field_validator("layer")
+    @classmethod
+    def _check_layer(cls, v: int | None, info: ValidationInfo) -> int | None:
+        extractor, model = info.data.get("extractor"), info.data.get("model")
+        if v is not None and extractor in LEARNED and model is not None and "model_kwargs" in info.data:
+            from kmim.tokenizers.learned import check_architecture
+
+            check_architecture(extractor, model, info.data["model_kwargs"] or {}, v)
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, v: str | None, info: ValidationInfo) -> str | None:
+        extractor, model = info.data.get("extractor"), info.data.get("model")
+        if extractor in LEARNED and model is not None:
+            from kmim.tokenizers.learned import family
+
+            family(extractor).resolve(model, v)
+        return v
+
+    @field_validator("normalize")
+    @classmethod
+    def _check_normalize(cls, v: str | None, info: ValidationInfo) -> str | None:
+        extractor = info.data.get("extractor")
+        if extractor == "pixel":
+            if v == "l2":
+                raise ValueError("pixel takes imagenet | none (l2 is for dino/clip features)")
+            return v or "imagenet"
+        if v == "imagenet":
+            raise ValueError(f"{extractor} takes none | l2 (the model's own input normalization is always applied)")
+        return v or "none"
+
+    @field_validator("norm_pix")
+    @classmethod
+    def _check_norm_pix(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("extractor") in LEARNED:
+            raise ValueError("only used by the pixel extractor")
+        return v
 
     @model_validator(mode="after")
     def _check_geometry(self) -> JobConfig:

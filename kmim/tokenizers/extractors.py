@@ -70,7 +70,14 @@ class PixelExtractor:
 
 
 def build_extractor(cfg) -> Extractor:
-    """Construct the extractor a :class:`kmim.config.JobConfig` asks for."""
+    """Construct the extractor a :class:`kmim.config.JobConfig` asks for.
+
+    Learned extractors (dino, clip) are built once per process and settings, then reused by every stage call.
+    """
     if cfg.extractor == "pixel":
         return PixelExtractor(cfg.patch_size, cfg.normalize, cfg.norm_pix)
+    if cfg.extractor in ("dino", "clip"):
+        from kmim.tokenizers.learned import LearnedSpec, cached_extractor
+
+        return cached_extractor(LearnedSpec.of(cfg))
     raise ValueError(f"field 'extractor': unknown extractor {cfg.extractor!r}")
