@@ -57,6 +57,8 @@ def run(
     fit_images: int | None = typer.Option(None, help="images sampled for the fit [10000]"),
     fit_patches: int | None = typer.Option(None, help="patches sampled for the fit [200000]"),
     assign: str | None = typer.Option(None, help="auto | faiss | torch \\[auto]"),
+    feature_cache: str | None = typer.Option(None, help="directory caching sampled fit features (fp16), "
+                                             "so repeated k-means experiments skip extraction"),
     shard_size: int | None = typer.Option(None, help="samples per shard [1000]"),
     batch_size: int | None = typer.Option(None, help="images per extraction batch [64]"),
     runner: str | None = typer.Option(None, help="ray | local [ray]"),

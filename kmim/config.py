@@ -54,6 +54,7 @@ class JobConfig(BaseModel):
     fit_images: int = Field(10_000, ge=1, description="images sampled for the k-means fit")
     fit_patches: int = Field(200_000, ge=2, description="patch features sampled for the k-means fit")
     assign: Literal["auto", "faiss", "torch"] = "auto"
+    feature_cache: str | None = Field(None, description="directory caching sampled fit features (fp16)")
     shard_size: int = Field(1000, ge=1, description="samples per shard")
     batch_size: int = Field(64, ge=1, description="images per extraction batch")
     runner: Literal["ray", "local"] = "ray"

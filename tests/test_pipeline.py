@@ -254,3 +254,26 @@ def test_killed_job_resumes_to_the_same_manifest(tmp_path: Path) -> None:
     assert read_manifest(killed) == read_manifest(clean)
     assert not list(killed.glob(".*tmp*"))
     assert verify_dataset(killed) == []
+
+
+def test_feature_cache_reuses_fp16_features(image_folder: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    a = run(tmp_path / "a", input=str(image_folder), feature_cache=str(cache))
+    files = sorted(cache.glob("features-*.npy"))
+    assert files and all(np.load(f, allow_pickle=False).dtype == np.float16 for f in files)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    b = run(tmp_path / "b", input=str(image_folder), feature_cache=str(cache))
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # read, not rewritten
+    assert a["tokenizer_id"] == b["tokenizer_id"]
+    assert load_codebook(tmp_path / "b" / "codebook.safetensors").metadata["fit_feature_dtype"] == "float16"
+
+
+def test_codebook_from_other_extractor_settings_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    from kmim.pipeline.sources import plan_inputs
+    from kmim.pipeline.stages import tokenize_shard
+
+    run(tmp_path / "a", input=str(image_folder))
+    cfg = load_config(None, job_overrides(out=str(tmp_path / "b"), input=str(image_folder), norm_pix=True))
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match="norm_pix"):
+        tokenize_shard(plan_inputs(cfg)[0][0], cfg, str(tmp_path / "a" / "codebook.safetensors"), str(tmp_path / "b"))

@@ -31,7 +31,7 @@ from kmim.tokenizers.metrics import dataset_report
 log = logging.getLogger("kmim")
 JOB_FILE = "job.json"
 # Settings that do not change any output byte; everything else must match to resume into a directory.
-_NOT_MATERIAL = {"out", "runner", "ray_address", "max_in_flight", "batch_size", "assign"}
+_NOT_MATERIAL = {"out", "runner", "ray_address", "max_in_flight", "batch_size", "assign", "feature_cache"}
 
 
 class JobError(RuntimeError):
@@ -61,18 +61,44 @@ def _check_job_file(out: Path, cfg: JobConfig, shards: list[InputShard]) -> None
     tmp.replace(path)
 
 
+def _wants_gpu(cfg: JobConfig) -> bool:
+    return cfg.extractor != "pixel" and cfg.device != "cpu"
+
+
 def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path) -> Codebook:
     extractor = build_extractor(cfg)
     per_shard = max(64, math.ceil(cfg.fit_images / len(shards)))
     n_fit = min(len(shards), math.ceil(cfg.fit_images / per_shard))
     chosen = sorted({int(round(i)) for i in np.linspace(0, len(shards) - 1, n_fit)})
     patches_per_image = max(1, min(cfg.grid**2, math.ceil(cfg.fit_patches / cfg.fit_images)))
+    cache = Path(cfg.feature_cache) if cfg.feature_cache else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    sample_id = [extractor.metadata(), preprocess_of(cfg).describe(), cfg.seed, per_shard, patches_per_image]
+
+    def cached(shard: InputShard) -> Path | None:
+        return cache / f"features-{_digest([*sample_id, repr(shard)])}.npy" if cache is not None else None
+
     parts: dict[int, np.ndarray] = {}
-    for shard, feats, error in map_shards(sample_fit_features, [shards[i] for i in chosen], cfg, per_shard,
-                                          patches_per_image, runner=cfg.runner, desc="sample features",
-                                          address=cfg.ray_address, max_in_flight=cfg.max_in_flight):
+    todo = []
+    for i in chosen:
+        hit = cached(shards[i])
+        if hit is not None and hit.exists():
+            parts[i] = np.load(hit, allow_pickle=False).astype(np.float32)
+        else:
+            todo.append(shards[i])
+    for shard, feats, error in map_shards(sample_fit_features, todo, cfg, per_shard, patches_per_image,
+                                          runner=cfg.runner, desc="sample features", address=cfg.ray_address,
+                                          max_in_flight=cfg.max_in_flight, gpu=_wants_gpu(cfg)):
         if error is not None:
             raise JobError(f"sampling fit features from {shard.describe()} failed: {error}") from error
+        if cache is not None:  # fp16 on disk; fresh features take the same rounding as cached ones
+            feats = feats.astype(np.float16)
+            tmp = tmp_path(cached(shard))
+            with open(tmp, "wb") as f:
+                np.save(f, feats, allow_pickle=False)
+            tmp.replace(cached(shard))
+            feats = feats.astype(np.float32)
         parts[shard.index] = feats
     x = np.concatenate([parts[i] for i in sorted(parts)])
     if x.shape[0] > cfg.fit_patches:
@@ -88,6 +114,7 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path) -> Codeb
             "kmeans": {"algorithm": "minibatch", "init": "k-means++", "epochs": cfg.kmeans_epochs,
                        "batch_size": cfg.kmeans_batch_size, "seed": cfg.seed, "fit_points": int(x.shape[0])},
             "fit_sample_sha256": hashlib.sha256(x.tobytes()).hexdigest(),
+            "fit_feature_dtype": "float16" if cache is not None else "float32",
             "inertia": result.inertia, "inertia_per_point": result.inertia / x.shape[0],
             "utilization": result.utilization}
     # Wall time stays out of the metadata: it would change the tokenizer_id from run to run.
@@ -114,7 +141,7 @@ def run_job(cfg: JobConfig) -> dict:
     failures, timing = [], {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
     for shard, stats, error in map_shards(tokenize_shard, todo, cfg, str(book_path), str(out), runner=cfg.runner,
                                           desc="tokenize", address=cfg.ray_address,
-                                          max_in_flight=cfg.max_in_flight):
+                                          max_in_flight=cfg.max_in_flight, gpu=_wants_gpu(cfg)):
         if error is not None:
             failures.append(f"{shard.describe()}: {type(error).__name__}: {error}")
         else:

@@ -26,9 +26,13 @@ def ensure_ray(address: str | None) -> None:
 
 
 def map_shards(fn: Callable[..., Any], items: Sequence[Any], *args: Any, runner: str, desc: str,
-               address: str | None = None, max_in_flight: int | None = None,
+               address: str | None = None, max_in_flight: int | None = None, gpu: bool = False,
                ) -> Iterator[tuple[Any, Any, BaseException | None]]:
     """Run ``fn(item, *args)`` for each item; yield (item, result, error) as each finishes.
+
+    With ``gpu=True`` and GPUs in the Ray cluster, each task holds one GPU, so decode, feature
+    extraction and assignment of a batch happen in the same GPU worker; Ray reuses worker processes,
+    so a model cached per process is loaded once per worker.
 
     A failing item yields its exception instead of stopping the others (Ray retries it first).
     Progress (items, rate, ETA) goes to stderr.
@@ -47,9 +51,12 @@ def map_shards(fn: Callable[..., Any], items: Sequence[Any], *args: Any, runner:
         import ray
 
         ensure_ray(address)
-        remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)(fn)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0)) if gpu else 0
+        remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=TASK_RETRIES,
+                            retry_exceptions=False)(fn)
         shared = [ray.put(a) for a in args]
-        limit = max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        limit = max_in_flight or max(1, 2 * (gpus or int(resources.get("CPU", 1))))
         todo = list(items)[::-1]
         running: dict[Any, Any] = {}
         while todo or running:

@@ -93,6 +93,10 @@ def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> 
     """
     book = _cached_codebook(codebook_path, Path(codebook_path).stat().st_mtime_ns)
     extractor = build_extractor(cfg)
+    differs = sorted(k for k, v in extractor.metadata().items() if book.metadata.get(k) != v)
+    if differs:  # e.g. a weights file replaced between the fit and a resumed run
+        raise ValueError(f"{codebook_path}: the extractor differs from the one the codebook was fitted with "
+                         f"in {', '.join(differs)}; tokens would not match the codebook")
     centroids = book.centroids
     dtype = token_dtype(book.k)
     out = Path(out_dir)
