@@ -125,5 +125,101 @@ def eval_tokenizer(root: Path = typer.Argument(..., help="dataset directory"),
         Console().print(_report_table(report, f"tokenizer report: {root}"))
 
 
+
+@app.command("train")
+def train_command(
+    data: str | None = typer.Option(None, help="dataset directory or URL (required here or in --config)"),
+    out: str | None = typer.Option(None, help="run directory (required here or in --config)"),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with the same settings"),
+    objective: str | None = typer.Option(None, help="kmim | mae | beit \\[kmim]"),
+    mto: bool | None = typer.Option(None, "--mto/--no-mto", help="add the MTO losses \\[off]"),
+    mto_w_spa: float | None = typer.Option(None, help="MTO sparsity weight \\[0.01]"),
+    mto_w_e: float | None = typer.Option(None, help="MTO 1/H(0) weight \\[1.0]"),
+    mto_w_r: float | None = typer.Option(None, help="MTO heterogeneity-ranking weight \\[1.0]"),
+    mto_eps: float | None = typer.Option(None, help="MTO eps in 1/(H(0)+eps) \\[0.1]"),
+    model: str | None = typer.Option(None, help="tiny | small | base \\[tiny]"),
+    model_dim: int | None = typer.Option(None, help="encoder width override"),
+    model_depth: int | None = typer.Option(None, help="encoder blocks override"),
+    model_heads: int | None = typer.Option(None, help="encoder heads override"),
+    decoder_dim: int | None = typer.Option(None, help="decoder width override (kmim, mae)"),
+    decoder_depth: int | None = typer.Option(None, help="decoder blocks override (kmim, mae)"),
+    decoder_heads: int | None = typer.Option(None, help="decoder heads override (kmim, mae)"),
+    mask_ratio: float | None = typer.Option(None, help="\\[0.75 kmim/mae, 0.4 beit]"),
+    epochs: int | None = typer.Option(None, help="schedule length \\[1]"),
+    max_steps: int | None = typer.Option(None, help="stop at this step; the schedule still spans --epochs"),
+    batch_size: int | None = typer.Option(None, help="images per micro-batch per rank \\[64]"),
+    accum_steps: int | None = typer.Option(None, help="micro-batches per optimizer step \\[1]"),
+    lr: float | None = typer.Option(None, help="peak learning rate \\[1.5e-3]"),
+    min_lr: float | None = typer.Option(None, help="final learning rate of the cosine decay \\[0]"),
+    warmup_steps: int | None = typer.Option(None, help="linear warmup steps \\[0]"),
+    weight_decay: float | None = typer.Option(None, help="AdamW weight decay \\[0.05]"),
+    grad_clip: float | None = typer.Option(None, help="max gradient norm, 0 = off \\[1.0]"),
+    seed: int | None = typer.Option(None, help="\\[0]"),
+    workers: int | None = typer.Option(None, help="DataLoader workers per rank \\[0]"),
+    shuffle_window: int | None = typer.Option(None, help="samples shuffled together \\[4096]"),
+    hflip: bool | None = typer.Option(None, "--hflip/--no-hflip", help="mirror image + token grid \\[off]"),
+    verify: bool | None = typer.Option(None, "--verify/--no-verify", help="sha256 of each shard on read \\[on]"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda \\[auto]"),
+    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA \\[on]"),
+    log_every: int | None = typer.Option(None, help="steps between metrics lines \\[10]"),
+    checkpoint_every: int | None = typer.Option(None, help="steps between checkpoints \\[one epoch]"),
+    resume: bool | None = typer.Option(None, "--resume/--no-resume", help="continue from the latest checkpoint"),
+    sample_log: bool | None = typer.Option(None, "--sample-log/--no-sample-log",
+                                           help="write the sample ids each rank trained on"),
+) -> None:
+    """Train a MIM model on a kmim dataset (single process, or DDP under `torchrun --no-python kmim train`)."""
+    overrides = {name: value for name, value in locals().items() if name != "config"}
+    import os
+
+    from kmim.trainer.config import load_train_config
+    from kmim.trainer.engine import TrainError, train
+
+    try:
+        cfg = load_train_config(config, overrides)
+    except ConfigError as e:
+        console.print(f"[red]config error[/red]\n{e}")
+        raise typer.Exit(2) from None
+    main = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
+    try:
+        summary = train(cfg)
+    except (TrainError, ValueError, OSError) as e:
+        console.print(f"[red]error[/red]: {e}")
+        raise typer.Exit(1) from None
+    if main:
+        console.print(_report_table(summary, "training summary"))
+
+
+@eval_app.command("linprobe")
+def eval_linprobe(
+    checkpoint: Path = typer.Option(..., help="run directory (its latest checkpoint is evaluated)"),
+    data: str = typer.Option(..., help="labelled dataset with the run's image size"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    train_fraction: float = typer.Option(0.8, help="share of samples (by key hash) in the probe's train split"),
+    split_seed: int = typer.Option(0, help="salt of the key hash"),
+    epochs: int = typer.Option(90, help="linear head epochs"),
+    batch_size: int = typer.Option(256, help="feature extraction and head batch size"),
+    lr: float = typer.Option(0.1, help="head learning rate per 256 samples (SGD, cosine)"),
+    knn_k: int = typer.Option(20, help="neighbours of the k-NN vote"),
+    knn_temperature: float = typer.Option(0.07, help="k-NN vote weight exp(cosine / temperature)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    workers: int = typer.Option(0, help="DataLoader workers"),
+) -> None:
+    """Frozen-encoder linear probe and weighted k-NN top-1 on a held-out split by key hash."""
+    from kmim.trainer.engine import TrainError
+    from kmim.trainer.linprobe import ProbeConfig, linear_probe
+
+    try:
+        cfg = ProbeConfig(train_fraction, split_seed, epochs, batch_size, lr, knn_k, knn_temperature)
+        report = linear_probe(checkpoint, data, cfg, device=device, workers=workers)
+    except (TrainError, ValueError, OSError) as e:
+        console.print(f"[red]error[/red]: {e}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(report))
+    else:
+        Console().print(_report_table(report, f"linear probe: {checkpoint}"))
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,131 @@
+"""Typed training configuration (``kmim train``): a YAML file plus command-line overrides, validated up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from kmim.config import ConfigError, _format_errors
+from kmim.trainer.mto import MTOConfig
+from kmim.trainer.objectives import decoder_config
+from kmim.trainer.vit import ViTConfig, vit_config
+
+# Settings a resumed run must share with the run it continues: they fix the architecture or the data order.
+RESUME_FIXED = ("objective", "mto", "model", "model_dim", "model_depth", "model_heads", "decoder_dim",
+                "decoder_depth", "decoder_heads", "mask_ratio", "batch_size", "accum_steps", "seed", "hflip",
+                "shuffle_window")
+
+
+class TrainConfig(BaseModel):
+    """Settings of one ``kmim train``. Field names are the CLI flags with dashes turned into underscores.
+
+    Steps are optimizer steps; one step consumes ``accum_steps`` micro-batches of ``batch_size`` images on
+    every rank, i.e. ``batch_size * accum_steps * world_size`` images.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    data: str = Field(description="dataset directory or fsspec URL (a committed kmim dataset)")
+    out: str = Field(description="run directory (local): config, checkpoints, metrics.jsonl, curves.png")
+    objective: Literal["kmim", "mae", "beit"] = "kmim"
+    mto: bool = Field(False, description="add the Masked Token Optimization losses")
+    mto_w_spa: float | None = Field(None, ge=0, validate_default=True)
+    mto_w_e: float | None = Field(None, ge=0, validate_default=True)
+    mto_w_r: float | None = Field(None, ge=0, validate_default=True)
+    mto_eps: float | None = Field(None, gt=0, validate_default=True)
+    model: Literal["tiny", "small", "base"] = "tiny"
+    model_dim: int | None = Field(None, ge=4, description="encoder width override")
+    model_depth: int | None = Field(None, ge=1, description="encoder blocks override")
+    model_heads: int | None = Field(None, ge=1, description="encoder attention heads override")
+    decoder_dim: int | None = Field(None, ge=4, validate_default=True, description="decoder width override")
+    decoder_depth: int | None = Field(None, ge=1, validate_default=True, description="decoder blocks override")
+    decoder_heads: int | None = Field(None, ge=1, validate_default=True, description="decoder heads override")
+    mask_ratio: float | None = Field(None, gt=0, lt=1, description="default: 0.75 (kmim, mae), 0.4 (beit)")
+    epochs: int = Field(1, ge=1, description="length of the learning-rate schedule")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (the schedule still "
+                                                          "spans 'epochs'); counts steps of earlier runs")
+    batch_size: int = Field(64, ge=1, description="images per micro-batch per rank")
+    accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1.5e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps before the cosine decay")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases, norms, tokens)")
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 = no clipping")
+    seed: int = Field(0, ge=0)
+    workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    shuffle_window: int = Field(4096, ge=1, description="samples shuffled together (see the loader)")
+    hflip: bool = Field(False, description="mirror image and token grid with probability 0.5")
+    verify: bool = Field(True, description="check each shard's sha256 when it is read")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda)$", description="auto = CUDA if available")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (no effect on CPU)")
+    log_every: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default: each "
+                                                                 "epoch (always at the end)")
+    resume: bool = Field(False, description="continue from the run directory's latest checkpoint")
+    sample_log: bool = Field(False, description="audit: each rank appends the sample ids it trained on to "
+                                                "samples.rank<R>.jsonl")
+
+    @field_validator("mto_w_spa", "mto_w_e", "mto_w_r", "mto_eps")
+    @classmethod
+    def _mto_only(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and not info.data.get("mto"):
+            raise ValueError("only used with mto")
+        return v
+
+    @field_validator("decoder_dim", "decoder_depth", "decoder_heads")
+    @classmethod
+    def _decoder_only(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("objective") == "beit":
+            raise ValueError("beit has no decoder")
+        return v
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> TrainConfig:
+        for part, build in (("model", self.encoder), ("decoder", self.decoder)):
+            try:
+                build()
+            except ValueError as e:
+                raise ValueError(f"fields '{part}_dim' / '{part}_heads': {e}") from None
+        if self.min_lr > self.lr:
+            raise ValueError(f"field 'min_lr' ({self.min_lr}) must not exceed field 'lr' ({self.lr})")
+        return self
+
+    def encoder(self) -> ViTConfig:
+        return vit_config(self.model, dim=self.model_dim, depth=self.model_depth, heads=self.model_heads)
+
+    def decoder(self) -> ViTConfig | None:
+        """The decoder (None for beit): the model size's default with the overrides applied."""
+        if self.objective == "beit":
+            return None
+        base = decoder_config(self.model)
+        return ViTConfig(self.decoder_dim or base.dim, self.decoder_depth or base.depth,
+                         self.decoder_heads or base.heads, base.mlp_ratio)
+
+    def mto_config(self) -> MTOConfig | None:
+        if not self.mto:
+            return None
+        given = {"w_spa": self.mto_w_spa, "w_e": self.mto_w_e, "w_r": self.mto_w_r, "eps": self.mto_eps}
+        return MTOConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def load_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Merge the YAML file at ``path`` (if any) with ``overrides`` (None values ignored) and validate."""
+    data: dict = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+        data = {str(k).replace("-", "_"): v for k, v in (loaded or {}).items()}
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return TrainConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None

@@ -1,0 +1,334 @@
+"""The training loop: one readable function in the nanoGPT style, single-process or under ``torchrun``.
+
+Launch: ``kmim train ...`` (one process) or ``torchrun --nproc-per-node N --no-python kmim train ...``
+(DDP: NCCL on CUDA, gloo on CPU; rank 0 writes every file). Per optimizer step every rank runs
+``accum_steps`` micro-batches, gradients are all-reduced on the last one only (``no_sync`` before), the
+global gradient norm is clipped, and AdamW steps with a per-step learning rate (linear warmup, cosine decay).
+
+Determinism: the model is initialised from ``seed``; the sample order is the loader's pure function of
+(seed, epoch, world layout); the masks of micro-batch ``m`` of step ``s`` on rank ``r`` come from a fresh
+``torch.Generator`` seeded with (seed, r, s, m). So a run resumed from a checkpoint continues exactly as the
+uninterrupted run would (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kmim import __version__
+from kmim.datasets.loader import Augment, TokenDataset, TokenLoader, open_manifest
+from kmim.trainer.checkpoint import (
+    atomic_write,
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from kmim.trainer.config import RESUME_FIXED, TrainConfig
+from kmim.trainer.objectives import MIMObjective, build_objective
+from kmim.trainer.plot import plot_curves
+
+log = logging.getLogger("kmim")
+
+RUN_CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+BETAS = (0.9, 0.95)  # MAE's AdamW betas
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue: incompatible run directory, non-finite loss, too little data."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the torchrun process group when launched by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise TrainError("field 'device': cuda requested but CUDA is not available")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+        return Dist(dist.get_rank(), world, dev)
+    return Dist(0, 1, dev)
+
+
+def dataset_info(manifest: dict) -> dict:
+    """What a run needs to know about its dataset: tokenizer, view geometry, codebook size, classes."""
+    return {"tokenizer_id": manifest.get("tokenizer_id"), "image_size": manifest["preprocess"]["image_size"],
+            "patch_size": manifest["token_grid"]["patch_size"], "k": manifest["codebook"]["k"],
+            "classes": len(manifest.get("labels") or [])}
+
+
+def build_model(cfg: TrainConfig, info: dict) -> MIMObjective:
+    """The configured objective for a dataset described by :func:`dataset_info`."""
+    return build_objective(cfg.objective, cfg.model, info["image_size"], info["patch_size"], info["k"],
+                           cfg.mto_config(), encoder=cfg.encoder(), decoder=cfg.decoder(),
+                           mask_ratio=cfg.mask_ratio, amp=cfg.amp)
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """``RUN_DIR/config.json``: ``config`` (TrainConfig fields), ``dataset`` (dataset_info), ``world_size``."""
+    path = Path(run_dir) / RUN_CONFIG
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainError(f"{path}: not a kmim run directory (no {RUN_CONFIG})") from None
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): ``lr * (step + 1) / warmup_steps`` during warmup,
+    then a half cosine from ``lr`` to ``min_lr`` reaching ``min_lr`` at ``total_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def masking_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, rank, step, micro-step)."""
+    words = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; biases, norm weights and learned tokens (every parameter with < 2 dims) get no weight decay."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS)
+
+
+def check_run_dir(cfg: TrainConfig, info: dict) -> None:
+    """Refuse a run directory this run cannot continue (an existing run without --resume, another tokenizer,
+    changed architecture or data order)."""
+    run = Path(cfg.out)
+    if (run / RUN_CONFIG).exists():
+        if not cfg.resume:
+            raise TrainError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+        previous = read_run_config(run)
+        if previous["dataset"]["tokenizer_id"] != info["tokenizer_id"]:
+            raise TrainError(f"{cfg.data}: tokenizer_id {info['tokenizer_id']!r} is not the "
+                             f"{previous['dataset']['tokenizer_id']!r} this run was trained on (tokens from "
+                             "another codebook)")
+        old, new = previous["config"], cfg.model_dump()
+        for field in RESUME_FIXED:
+            if old.get(field) != new[field]:
+                raise TrainError(f"--resume: field '{field}' is {old.get(field)!r} in {run / RUN_CONFIG}, "
+                                 f"{new[field]!r} now; it must not change within a run")
+
+
+def write_run_config(cfg: TrainConfig, info: dict, world: int) -> None:
+    """(Re)write ``RUN_DIR/config.json`` with this run's settings."""
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    body = {"config": cfg.model_dump(), "dataset": info, "world_size": world, "kmim_version": __version__}
+    atomic_write(run / RUN_CONFIG, lambda p: p.write_text(json.dumps(body, indent=1) + "\n"))
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop the lines of ``path`` logged after ``step``: a resumed run logs those steps again."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))
+
+
+def forever(loader: TokenLoader) -> Iterator[dict]:
+    """Batches across epoch boundaries; the loader keeps the position."""
+    while True:
+        yield from loader
+
+
+class MetricWindow:
+    """Sums of the step outputs since the last log line, kept on device (no host sync per step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict) -> None:
+        """Scalar tensors, or a list of them for ``mto_h`` (per-layer H)."""
+        for key, value in values.items():
+            v = (torch.stack(value) if key == "mto_h" else value).detach().float().reshape(-1)
+            self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self, world: int) -> dict[str, float | list[float]]:
+        """Averages over the window and the ranks (a collective when ``world > 1``); resets the window."""
+        keys = sorted(self.sums)
+        flat = torch.cat([self.sums[k] / (self.counts[k] * world) for k in keys])
+        if world > 1:
+            dist.all_reduce(flat)
+        values = flat.tolist()
+        out: dict[str, float | list[float]] = {}
+        for key in keys:
+            n = self.sums[key].numel()
+            out[key], values = (values[:n] if key == "mto_h" else values[0]), values[n:]
+        self.sums, self.counts = {}, {}
+        return out
+
+
+def gather_rng(world: int) -> list[dict]:
+    """Every rank's RNG states, indexed by rank (a collective when ``world > 1``)."""
+    mine = rng_state()
+    if world == 1:
+        return [mine]
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training as configured; returns a summary on every rank. See the module docstring."""
+    d = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, d)
+    finally:
+        if d.world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: Dist) -> dict:
+    run = Path(cfg.out)
+    info = dataset_info(open_manifest(cfg.data))
+    check_run_dir(cfg, info)
+    if d.world > 1:
+        dist.barrier()  # every rank checks the run directory before rank 0 writes into it
+    if d.main:
+        write_run_config(cfg, info, d.world)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, info).to(d.device)
+    optimizer = make_optimizer(model, cfg)
+    dataset = TokenDataset(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_window=cfg.shuffle_window,
+                           rank=d.rank, world_size=d.world, expect_tokenizer_id=info["tokenizer_id"],
+                           augment=Augment(hflip=cfg.hflip), verify=cfg.verify)
+    loader = TokenLoader(dataset, num_workers=cfg.workers, pin_memory=d.device.type == "cuda")
+    steps_per_epoch = dataset.batches_per_epoch // cfg.accum_steps
+    if steps_per_epoch == 0:
+        raise TrainError(f"{cfg.data}: {dataset.batches_per_epoch} batches per rank per epoch are fewer than one "
+                         f"step of field 'accum_steps' = {cfg.accum_steps} micro-batches")
+    total_steps = cfg.epochs * steps_per_epoch
+    stop = min(total_steps, cfg.max_steps or total_steps)
+    ckpt_every = cfg.checkpoint_every or steps_per_epoch
+    samples_per_step = cfg.batch_size * cfg.accum_steps * d.world
+
+    step = 0
+    ckpt = latest_checkpoint(run) if cfg.resume else None
+    if ckpt is not None:
+        state = load_state(ckpt)
+        load_weights(model, ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"][d.rank])
+        step = ckpt.step
+        log.info("resumed %s at step %d (epoch %d)", run, step, loader.epoch)
+    elif cfg.resume:
+        log.info("--resume: %s has no checkpoint yet, starting at step 0", run)
+    sample_log = run / f"samples.rank{d.rank}.jsonl"
+    if d.main:
+        truncate_jsonl(run / METRICS, step)
+    if cfg.sample_log:
+        truncate_jsonl(sample_log, step)
+    ddp = model
+    if d.world > 1:
+        ddp = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    model.train()
+    log.info("training %s%s (%.1fM parameters) on %s x %d: %d steps of %d samples, %d steps per epoch",
+             cfg.objective, " + MTO" if cfg.mto else "", sum(p.numel() for p in model.parameters()) / 1e6,
+             d.device, d.world, total_steps, samples_per_step, steps_per_epoch)
+
+    batches = forever(loader)
+    window = MetricWindow()
+    t_start, t_log, step_log, start_step = time.perf_counter(), time.perf_counter(), step, step
+    while step < stop:
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.accum_steps):
+            batch = next(batches)
+            images = batch["image"].to(d.device, non_blocking=True)
+            tokens = batch["tokens"].to(d.device, non_blocking=True)
+            last = micro == cfg.accum_steps - 1
+            with contextlib.nullcontext() if last or d.world == 1 else ddp.no_sync():
+                out = ddp(images, tokens, generator=masking_generator(cfg.seed, d.rank, step, micro))
+                (out["loss"] / cfg.accum_steps).backward()
+            window.add(out)
+            if cfg.sample_log:
+                with open(sample_log, "a") as f:
+                    f.write(json.dumps({"step": step + 1, "micro": micro, "index": batch["index"].tolist()}) + "\n")
+        # The norm is of the all-reduced gradients, so every rank reaches the same verdict.
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        if not math.isfinite(norm.item()):
+            raise TrainError(f"step {step + 1}: non-finite loss or gradients (loss {out['loss'].item():.4g}, "
+                             f"grad norm {norm.item():.4g}); stopped without saving. Lower --lr or raise "
+                             "--warmup-steps, and resume from the last checkpoint")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.add({"grad_norm": norm})
+        step += 1
+
+        if step % cfg.log_every == 0 or step == stop:
+            means = window.means(d.world)
+            now = time.perf_counter()
+            rate = (step - step_log) * samples_per_step / (now - t_log)
+            t_log, step_log = now, step
+            if d.main:
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
+                       "samples_per_s": round(rate, 2), **means}
+                with open(run / METRICS, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                eta = (stop - step) * (now - t_start) / (step - start_step)
+                acc = f" | acc {means['acc']:.4f}" if "acc" in means else ""
+                log.info("step %d/%d | epoch %.2f | loss %.4f%s | lr %.3g | %.1f samples/s | ETA %.0fs",
+                         step, stop, row["epoch"], means["loss"], acc, lr, rate, eta)
+        if step % ckpt_every == 0 or step == stop:
+            rngs = gather_rng(d.world)
+            if d.main:
+                save_checkpoint(run, step, model, {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                                                   "rng": rngs, "tokenizer_id": info["tokenizer_id"]})
+
+    elapsed = time.perf_counter() - t_start
+    rate = (step - start_step) * samples_per_step / elapsed if step > start_step else None
+    summary = {"run_dir": str(run), "step": step, "total_steps": total_steps, "epoch": round(step / steps_per_epoch, 4),
+               "elapsed_s": round(elapsed, 2), "samples_per_s": None if rate is None else round(rate, 2)}
+    if d.main and (run / METRICS).exists():
+        plot_curves(run / METRICS, run / CURVES)
+        summary["curves"] = str(run / CURVES)
+    if d.world > 1:
+        dist.barrier()
+    return summary
