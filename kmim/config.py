@@ -173,8 +173,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> JobConfig:
-    """Merge the YAML file at ``path`` (if any) with ``overrides`` (None values ignored) and validate."""
+def load_config(path: str | Path | None = None, overrides: dict | None = None,
+                model: type[BaseModel] = JobConfig) -> BaseModel:
+    """Merge the YAML file at ``path`` (if any) with ``overrides`` (None values ignored); validate as ``model``."""
     data: dict = {}
     source = "command line"
     if path is not None:
@@ -188,6 +189,6 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         data = {str(k).replace("-", "_"): v for k, v in (loaded or {}).items()}
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
-        return JobConfig(**data)
+        return model(**data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from kmim.config import ConfigError, _format_errors
+from kmim.config import load_config
 from kmim.trainer.mto import MTOConfig
 from kmim.trainer.objectives import decoder_config
 from kmim.trainer.vit import ViTConfig, vit_config
@@ -113,19 +112,4 @@ class TrainConfig(BaseModel):
 
 def load_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """Merge the YAML file at ``path`` (if any) with ``overrides`` (None values ignored) and validate."""
-    data: dict = {}
-    source = "command line"
-    if path is not None:
-        source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read config: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
-        data = {str(k).replace("-", "_"): v for k, v in (loaded or {}).items()}
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        return TrainConfig(**data)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+    return load_config(path, overrides, TrainConfig)
