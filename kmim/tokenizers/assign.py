@@ -1,9 +1,10 @@
 """Nearest-centroid search: faiss or a torch GEMM (whichever measures faster), made exact.
 
 Both backends compute ``|x|^2 - 2 x.c + |c|^2`` in float32, which can swap two nearly equidistant
-centroids. ``nearest(..., exact=True)`` bounds that rounding error per row and recomputes, in float64
-and by direct differences, every row whose two best candidates are closer than twice the bound; the
-result is then exactly the brute-force argmin (lowest index on ties).
+centroids. ``nearest(..., exact=True)`` bounds that rounding error per row and recomputes every row whose two
+best candidates are closer than twice the bound: first by a float64 GEMM (cheap), then, for the rare
+rows still within float64's bound, by direct float64 differences; the result is then exactly the
+brute-force argmin (lowest index on ties).
 """
 
 from __future__ import annotations
@@ -94,6 +95,36 @@ def _exact(x: torch.Tensor, c: torch.Tensor, metric: str) -> tuple[torch.Tensor,
     return v.float(), i
 
 
+def _gamma(d: int, roundoff: float) -> float:
+    """Higham's gamma_{d+4}: relative error bound of a length-d dot product plus the norm terms."""
+    return (d + 4) * roundoff / (1 - (d + 4) * roundoff)
+
+
+def _bound(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
+    """Per row, the magnitude that scales every score's rounding error [N]."""
+    x_norm, c_max = x.norm(dim=1), c.norm(dim=1).max()
+    return (x_norm + c_max) ** 2 if metric == "l2" else x_norm * c_max
+
+
+def _refine(x: torch.Tensor, c: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (score, argmin) for rows the float32 search could not separate.
+
+    A float64 GEMM settles nearly all of them; a row whose float64 gap is still within the bound of
+    both float64 computations (GEMM and direct) goes to the direct per-pair reduction.
+    """
+    x64, c64 = x.double(), c.double()
+    s = -(x64 @ c64.T)
+    if metric == "l2":
+        s = s.mul_(2).add_((c64 * c64).sum(1)).add_((x64 * x64).sum(1, keepdim=True))
+    vals, idxs = torch.topk(s, 2, dim=1, largest=False, sorted=True)
+    score, best = vals[:, 0].float(), idxs[:, 0].clone()
+    err = _gamma(c.shape[1], 2.0**-53) * _bound(x64, c64, metric)
+    unsure = torch.nonzero(vals[:, 1] - vals[:, 0] <= 4 * err * 1.01).flatten()
+    if unsure.numel():
+        score[unsure], best[unsure] = _exact(x[unsure], c, metric)
+    return score, best
+
+
 def nearest(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", method: str = "auto",
             exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid for each row.
@@ -111,13 +142,9 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", met
     best, score = idxs[:, 0].clone(), vals[:, 0].clone()
     if not exact:
         return best, score
-    # Worst-case float32 error of each computed score is gamma * bound_i (Higham's gamma_{D+4}).
-    gamma = (c.shape[1] + 4) * _ROUNDOFF / (1 - (c.shape[1] + 4) * _ROUNDOFF)
-    x_norm = x.norm(dim=1)
-    c_max = c.norm(dim=1).max()
-    bound = (x_norm + c_max) ** 2 if metric == "l2" else x_norm * c_max
-    unsure = torch.nonzero(vals[:, 1] - vals[:, 0] <= 2 * gamma * bound * 1.01).flatten()
+    # Worst-case float32 error of each computed score is gamma * bound_i.
+    err = _gamma(c.shape[1], _ROUNDOFF) * _bound(x, c, metric)
+    unsure = torch.nonzero(vals[:, 1] - vals[:, 0] <= 2 * err * 1.01).flatten()
     if unsure.numel():
-        s, i = _exact(x[unsure], c, metric)
-        best[unsure], score[unsure] = i, s
+        score[unsure], best[unsure] = _refine(x[unsure], c, metric)
     return best, score
