@@ -18,6 +18,23 @@ app.add_typer(eval_app, name="eval")
 console = Console(stderr=True, soft_wrap=True)
 
 
+_STORAGE_HELP = ("key=value option of the fsspec filesystem, repeatable (e.g. endpoint_url=URL, profile=NAME, "
+                 "anon=true); true/false become booleans. Default: the filesystem's usual environment and config")
+
+
+def _storage_options(items: list[str] | None) -> dict[str, str | bool] | None:
+    """``--storage-option key=value`` flags as a dict. Values may be credentials: no message ever shows one."""
+    if not items:
+        return None
+    options: dict[str, str | bool] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter("expected key=value", param_hint="'--storage-option'")
+        options[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
+
+
 def _report_table(report: dict, title: str) -> Table:
     table = Table(title=title, show_header=False)
     for key, value in report.items():
@@ -27,10 +44,14 @@ def _report_table(report: dict, title: str) -> Table:
 
 @app.command()
 def run(
-    out: str | None = typer.Option(None, help="output dataset directory (required here or in --config)"),
+    out: str | None = typer.Option(None, help="output dataset directory or URL: s3://bucket/prefix, gs://..., "
+                                   "any fsspec URL (required here or in --config)"),
     input: str | None = typer.Option(None, help="ImageFolder dir, tar shard(s)/brace pattern, Parquet; "
                                         "default: built-in digits sample"),
     config: Path | None = typer.Option(None, "--config", help="YAML file with the same settings"),
+    storage_option: list[str] | None = typer.Option(None, "--storage-option", help=_STORAGE_HELP),
+    staging: str | None = typer.Option(None, help="local working directory for a remote --out (codebook, shards "
+                                       "before upload) \\[~/.cache/kmim/staging/<digest of the URL>]"),
     extractor: str | None = typer.Option(None, help="pixel | dino | clip \\[pixel]"),
     model: str | None = typer.Option(None, help="dino: timm model name (vit_small_patch16_224.dino); "
                                      "clip: open_clip model name (ViT-B-16, RN50x64)"),
@@ -70,8 +91,10 @@ def run(
     max_image_pixels: int | None = typer.Option(None, help="skip larger images as decompression bombs"),
 ) -> None:
     """Fit a codebook and tokenize a dataset into verified WebDataset shards (resumes if interrupted)."""
-    overrides = {name: value for name, value in locals().items() if name != "config"}
+    overrides = {name: value for name, value in locals().items() if name not in ("config", "storage_option")}
+    overrides["storage_options"] = _storage_options(storage_option)
     from kmim.pipeline.job import JobError, run_job
+    from kmim.storage import UploadError, redact
 
     try:
         cfg = load_config(config, overrides)
@@ -79,11 +102,12 @@ def run(
         console.print(f"[red]config error[/red]\n{e}")
         raise typer.Exit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    console.print(f"kmim run: input={cfg.input or 'built-in digits sample'} out={cfg.out} extractor={cfg.extractor} "
+    console.print(f"kmim run: input={cfg.input or 'built-in digits sample'} out={redact(cfg.out)} "
+                  f"extractor={cfg.extractor} "
                   f"K={cfg.k} image={cfg.image_size} patch={cfg.patch_size} runner={cfg.runner}")
     try:
         summary = run_job(cfg)
-    except (ConfigError, JobError, ValueError, OSError) as e:
+    except (ConfigError, JobError, UploadError, ValueError, OSError) as e:
         console.print(f"[red]error[/red]: {e}")
         raise typer.Exit(1) from None
     report = summary.pop("report")
@@ -95,17 +119,39 @@ def run(
 
 
 @app.command()
-def verify(root: Path = typer.Argument(..., help="dataset directory")) -> None:
+def verify(root: str = typer.Argument(..., help="dataset directory or URL (s3://bucket/prefix, any fsspec URL)"),
+           storage_option: list[str] | None = typer.Option(None, "--storage-option", help=_STORAGE_HELP)) -> None:
     """Re-read every shard: sha256, sample counts, token dtype/shape/range, index consistency. Exit 0 iff intact."""
     from kmim.datasets.verify import verify_dataset
+    from kmim.storage import redact
 
-    problems = verify_dataset(root)
+    problems = verify_dataset(root, storage_options=_storage_options(storage_option))
     for p in problems:
         console.print(f"[red]FAIL[/red] {p}")
     if problems:
-        console.print(f"{root}: {len(problems)} problem(s)")
+        console.print(f"{redact(root)}: {len(problems)} problem(s)")
         raise typer.Exit(1)
-    console.print(f"{root}: OK")
+    console.print(f"{redact(root)}: OK")
+
+
+@app.command()
+def publish(src: Path = typer.Argument(..., help="committed local dataset directory"),
+            url: str = typer.Argument(..., help="destination: s3://bucket/prefix, gs://..., any fsspec URL or "
+                                      "a directory"),
+            storage_option: list[str] | None = typer.Option(None, "--storage-option", help=_STORAGE_HELP),
+            workers: int = typer.Option(8, min=1, help="parallel uploads")) -> None:
+    """Copy a finished dataset: parallel, resumable, every file checked (size + sha256), the manifest last."""
+    from kmim.pipeline.publish import PublishError
+    from kmim.pipeline.publish import publish as publish_dataset
+    from kmim.storage import UploadError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        summary = publish_dataset(src, url, _storage_options(storage_option), workers=workers)
+    except (PublishError, UploadError, OSError) as e:
+        console.print(f"[red]error[/red]: {e}")
+        raise typer.Exit(1) from None
+    console.print(_report_table(summary, "publish summary"))
 
 
 @eval_app.command("tokenizer")

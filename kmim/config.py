@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -23,7 +23,12 @@ class JobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    out: str = Field(description="output dataset directory")
+    out: str = Field(description="output dataset directory or fsspec URL (s3://bucket/prefix, gs://..., file://...)")
+    # May hold credentials: kept out of repr, job.json, the manifest and every message.
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False,
+                                            description="options of the output's fsspec filesystem")
+    staging: str | None = Field(None, description="local working directory for a remote out (codebook, shards "
+                                                  "before upload); default: one per URL under ~/.cache/kmim/staging")
     input: str | None = Field(None, description="ImageFolder dir, tar shard(s), or Parquet; none = built-in")
     extractor: Literal["pixel", "dino", "clip"] = "pixel"
     # The next seven settings are for the dino and clip extractors only; None = the extractor's default.

@@ -10,10 +10,14 @@ Layout of a dataset directory::
 A shard is finished when its tar exists; the index is renamed into place before the tar, so a finished
 shard always has its index. Shard statistics travel in the index's schema metadata, so a manifest can
 be rebuilt from finished shards without re-reading the tars.
+
+Readers take an optional fsspec filesystem ``fs`` (None = local disk) with paths inside it, so a dataset in
+object storage is read the same way.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
@@ -21,13 +25,17 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from kmim import __version__
 from kmim.datasets.shards import tmp_path
+from kmim.storage import join, put_bytes, url_of
 
 FORMAT = "kmim-dataset/1"
 MANIFEST = "manifest.json"
 CODEBOOK = "codebook.safetensors"
+JOB_FILE = "job.json"
 _META_KEY = b"kmim.shard"
 
 INDEX_SCHEMA = pa.schema([
@@ -60,27 +68,37 @@ def write_index(final: Path, rows: list[dict], stats: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_index_stats(path: Path) -> dict:
-    meta = pq.read_schema(path).metadata or {}
+def _stats_of(data: bytes, where: str) -> dict:
+    meta = pq.read_schema(pa.BufferReader(data)).metadata or {}
     if _META_KEY not in meta:
-        raise ValueError(f"{path}: not a kmim shard index (no {_META_KEY.decode()} metadata)")
+        raise ValueError(f"{where}: not a kmim shard index (no {_META_KEY.decode()} metadata)")
     return json.loads(meta[_META_KEY])
 
 
-def read_index(path: Path) -> pa.Table:
-    return pq.read_table(path, schema=INDEX_SCHEMA)
+def read_index_stats(path: str | Path, fs: AbstractFileSystem | None = None) -> dict:
+    fs = fs or LocalFileSystem()
+    return _stats_of(fs.cat_file(str(path)), url_of(fs, str(path)))
 
 
-def build_manifest(out: Path, shards: list[str], *, dataset: dict) -> dict:
+def read_index(path: str | Path, fs: AbstractFileSystem | None = None) -> pa.Table:
+    fs = fs or LocalFileSystem()
+    return pq.read_table(io.BytesIO(fs.cat_file(str(path))), schema=INDEX_SCHEMA)
+
+
+def build_manifest(out: str | Path, shards: list[str], *, dataset: dict, fs: AbstractFileSystem | None = None) -> dict:
     """Assemble the manifest from finished shards' index stats plus dataset-level fields.
 
     ``dataset`` carries ``tokenizer_id``, ``codebook``, ``token_grid``, ``preprocess``, ``labels``,
     ``source``. Shard paths are relative to ``out``; nothing in the manifest depends on where or when
     the job ran, so an interrupted-and-resumed job commits the same manifest as an uninterrupted one.
     """
+    fs = fs or LocalFileSystem()
+    paths = [join(str(out), index_name(name)) for name in shards]
+    blobs = fs.cat(paths) if paths else {}  # concurrent on remote filesystems
+    by_path = {fs._strip_protocol(p): data for p, data in blobs.items()}
     entries, skipped, samples, inputs = [], Counter(), 0, 0
-    for name in shards:
-        stats = read_index_stats(out / index_name(name))
+    for name, path in zip(shards, paths, strict=True):
+        stats = _stats_of(by_path[fs._strip_protocol(path)], url_of(fs, path))
         entries.append({"path": name, "index": index_name(name), "samples": stats["samples"],
                         "bytes": stats["bytes"], "sha256": stats["sha256"], "inputs": stats["inputs"]})
         skipped.update(stats["skipped"])
@@ -90,19 +108,31 @@ def build_manifest(out: Path, shards: list[str], *, dataset: dict) -> dict:
             "skipped": dict(sorted(skipped.items())), **dataset, "shards": entries}
 
 
-def write_manifest(out: Path, manifest: dict) -> None:
-    final = out / MANIFEST
-    tmp = tmp_path(final)
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, final)
+def manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
 
-def read_manifest(root: str | Path) -> dict:
+def write_manifest(out: str | Path, manifest: dict, fs: AbstractFileSystem | None = None) -> None:
+    """Commit the dataset: store ``manifest.json`` all-or-nothing (checked when remote)."""
+    if fs is None or isinstance(fs, LocalFileSystem):
+        final = Path(out) / MANIFEST
+        tmp = tmp_path(final)
+        tmp.write_bytes(manifest_bytes(manifest))
+        os.replace(tmp, final)
+    else:
+        put_bytes(fs, join(str(out), MANIFEST), manifest_bytes(manifest))
+
+
+def read_manifest(root: str | Path, fs: AbstractFileSystem | None = None) -> dict:
     """Load ``manifest.json`` from a dataset directory, checking its format field."""
-    path = Path(root) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest (the dataset is missing or was never committed)")
-    manifest = json.loads(path.read_text())
+    fs = fs or LocalFileSystem()
+    path = join(str(root), MANIFEST)
+    where = url_of(fs, path)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: no manifest (the dataset is missing or was never committed)") from None
+    manifest = json.loads(data)
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+        raise ValueError(f"{where}: format {manifest.get('format')!r} is not {FORMAT!r}")
     return manifest

@@ -3,10 +3,15 @@
 Resumable by construction: a finished shard (its tar exists) is never redone, the codebook is reused
 when present, and the manifest is rebuilt from the shards' index stats, so a resumed job commits the
 same manifest as an uninterrupted one.
+
+The output is a directory or any fsspec URL. A remote output is written through local staging directories
+(the codebook and k-means state on the driver, each shard on the worker that makes it), every upload is
+checked before it counts, and the manifest goes up last, once every shard landed.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -16,22 +21,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fsspec import AbstractFileSystem
 
 from kmim.config import ConfigError, JobConfig
-from kmim.datasets.manifest import CODEBOOK, MANIFEST, build_manifest, shard_name, write_manifest
+from kmim.datasets.manifest import (
+    CODEBOOK,
+    JOB_FILE,
+    MANIFEST,
+    build_manifest,
+    read_manifest,
+    shard_name,
+    write_manifest,
+)
 from kmim.datasets.shards import tmp_path
 from kmim.pipeline.runners import map_shards
 from kmim.pipeline.sources import InputShard, plan_inputs
 from kmim.pipeline.stages import preprocess_of, sample_fit_features, token_dtype, tokenize_shard
+from kmim.storage import get_file, is_local, join, list_sizes, open_url, put_bytes, put_verified, redact, staging_dir
 from kmim.tokenizers.codebook import Codebook, load_codebook, save_codebook
 from kmim.tokenizers.extractors import build_extractor
 from kmim.tokenizers.kmeans import fit_kmeans
 from kmim.tokenizers.metrics import dataset_report
 
 log = logging.getLogger("kmim")
-JOB_FILE = "job.json"
 # Settings that do not change any output byte; everything else must match to resume into a directory.
-_NOT_MATERIAL = {"out", "runner", "ray_address", "max_in_flight", "batch_size", "assign", "feature_cache"}
+_NOT_MATERIAL = {"out", "storage_options", "staging", "runner", "ray_address", "max_in_flight", "batch_size",
+                 "assign", "feature_cache"}
 
 
 class JobError(RuntimeError):
@@ -42,23 +57,48 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _check_job_file(out: Path, cfg: JobConfig, shards: list[InputShard]) -> None:
+def _check_job_file(fs: AbstractFileSystem, root: str, cfg: JobConfig, shards: list[InputShard]) -> None:
     """Record the job's material settings; refuse to resume a directory written with other settings."""
     job = {"settings": cfg.model_dump(exclude=_NOT_MATERIAL), "inputs": _digest([repr(s) for s in shards])}
-    path = out / JOB_FILE
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = [k for k in job["settings"] if old.get("settings", {}).get(k) != job["settings"][k]]
-        if changed:
-            f = changed[0]
-            raise ConfigError(f"{out} holds a job with other settings: field '{f}' was "
-                              f"{old['settings'].get(f)!r}, now {job['settings'][f]!r} (use another --out)")
-        if old.get("inputs") != job["inputs"]:
-            raise ConfigError(f"{out} holds a job over different input files (field 'input'); use another --out")
+    out = redact(cfg.out)
+    try:
+        old = json.loads(fs.cat_file(join(root, JOB_FILE)))
+    except FileNotFoundError:
+        put_bytes(fs, join(root, JOB_FILE), json.dumps(job, indent=2, sort_keys=True).encode())
         return
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(job, indent=2, sort_keys=True))
-    tmp.replace(path)
+    changed = [k for k in job["settings"] if old.get("settings", {}).get(k) != job["settings"][k]]
+    if changed:
+        f = changed[0]
+        raise ConfigError(f"{out} holds a job with other settings: field '{f}' was "
+                          f"{old['settings'].get(f)!r}, now {job['settings'][f]!r} (use another --out)")
+    if old.get("inputs") != job["inputs"]:
+        raise ConfigError(f"{out} holds a job over different input files (field 'input'); use another --out")
+
+
+def _outputs(fs: AbstractFileSystem, root: str, work: Path) -> set[str]:
+    """Names of the files in the output after deleting leftovers of a killed run (hidden temporary files, never
+    visible as outputs) there and in the local working directory."""
+    if not is_local(fs):
+        for stale in work.glob(".*.tmp-*"):
+            stale.unlink()
+    names = set(list_sizes(fs, root))
+    for stale in fnmatch.filter(names, ".*.tmp-*"):
+        fs.rm_file(join(root, stale))
+    return {n for n in names if not fnmatch.fnmatch(n, ".*.tmp-*")}
+
+
+def _codebook(cfg: JobConfig, shards: list[InputShard], fs: AbstractFileSystem, root: str, work: Path,
+              present: set[str]) -> tuple[Codebook, bool]:
+    """(codebook, whether it was fitted now): the output's if it has one, else fitted in ``work`` and uploaded."""
+    path = work / CODEBOOK
+    if CODEBOOK in present:
+        if not is_local(fs):
+            get_file(fs, join(root, CODEBOOK), path)
+        return load_codebook(path), False
+    book = _fit_codebook(cfg, shards, path)
+    if not is_local(fs):
+        put_verified(path, fs, join(root, CODEBOOK))
+    return book, True
 
 
 def _wants_gpu(cfg: JobConfig) -> bool:
@@ -129,24 +169,23 @@ def run_job(cfg: JobConfig) -> dict:
     """Run (or resume) a job; returns a summary with the tokenizer report. Raises JobError on failures."""
     t_start = time.perf_counter()
     shards, labels = plan_inputs(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_job_file(out, cfg, shards)
-    for stale in out.glob(".*.tmp-*"):  # leftovers of a killed run; never visible as outputs
-        stale.unlink()
-    book_path = out / CODEBOOK
-    fitted = not book_path.exists()
-    book = _fit_codebook(cfg, shards, book_path) if fitted else load_codebook(book_path)
-    todo = [s for s in shards if not (out / shard_name(s.index)).exists()]
+    fs, root = open_url(cfg.out, cfg.storage_options)
+    work = Path(root) if is_local(fs) else staging_dir(cfg.out, cfg.staging)
+    work.mkdir(parents=True, exist_ok=True)
+    _check_job_file(fs, root, cfg, shards)
+    present = _outputs(fs, root, work)
+    book, fitted = _codebook(cfg, shards, fs, root, work, present)
+    book_ref, out_ref = (str(work / CODEBOOK), str(work)) if is_local(fs) else (join(cfg.out, CODEBOOK), cfg.out)
+    todo = [s for s in shards if shard_name(s.index) not in present]
     failures, timing = [], {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
-    for shard, stats, error in map_shards(tokenize_shard, todo, cfg, str(book_path), str(out), runner=cfg.runner,
+    for shard, stats, error in map_shards(tokenize_shard, todo, cfg, book_ref, out_ref, runner=cfg.runner,
                                           desc="tokenize", address=cfg.ray_address,
                                           max_in_flight=cfg.max_in_flight, gpu=_wants_gpu(cfg)):
         if error is not None:
             failures.append(f"{shard.describe()}: {type(error).__name__}: {error}")
         else:
             for phase, seconds in stats["timing"].items():
-                timing[phase] += seconds
+                timing[phase] = timing.get(phase, 0.0) + seconds
     if failures:
         raise JobError(f"{len(failures)} of {len(shards)} shards failed; no manifest written "
                        "(rerun to retry them):\n  " + "\n  ".join(failures))
@@ -155,10 +194,10 @@ def run_job(cfg: JobConfig) -> dict:
                "token_grid": {"shape": [cfg.grid, cfg.grid], "dtype": token_dtype(book.k).name,
                               "patch_size": cfg.patch_size},
                "preprocess": preprocess_of(cfg).describe(), "labels": labels}
-    manifest = build_manifest(out, [shard_name(s.index) for s in shards], dataset=dataset)
-    if not (out / MANIFEST).exists() or json.loads((out / MANIFEST).read_text()) != manifest:
-        write_manifest(out, manifest)
-    return {"out": str(out), "samples": manifest["samples"], "inputs": manifest["inputs"],
+    manifest = build_manifest(root, [shard_name(s.index) for s in shards], dataset=dataset, fs=fs)
+    if MANIFEST not in present or read_manifest(root, fs) != manifest:
+        write_manifest(root, manifest, fs)
+    return {"out": redact(cfg.out), "samples": manifest["samples"], "inputs": manifest["inputs"],
             "skipped": manifest["skipped"], "shards": len(shards), "shards_written": len(todo),
             "codebook_fitted": fitted, "tokenizer_id": book.tokenizer_id, "seconds": time.perf_counter() - t_start,
-            "timing": timing, "report": dataset_report(out)}
+            "timing": timing, "report": dataset_report(root, fs)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from collections.abc import Iterator
 from functools import lru_cache
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fsspec import AbstractFileSystem
 
-from kmim.datasets.manifest import index_name, shard_name, write_index
+from kmim.datasets.manifest import CODEBOOK, index_name, shard_name, write_index
 from kmim.datasets.preprocess import Preprocess, SkipImage, View, decode_view
 from kmim.datasets.shards import ShardWriter, encode_npy
 from kmim.pipeline.sources import InputShard, RawSample, read_shard
+from kmim.storage import get_file, is_local, join, open_url, put_verified, staging_dir
 from kmim.tokenizers.assign import nearest
 from kmim.tokenizers.codebook import Codebook, load_codebook
 from kmim.tokenizers.extractors import build_extractor
@@ -82,16 +85,29 @@ def sample_fit_features(shard: InputShard, cfg, n_images: int, patches_per_image
 
 
 @lru_cache(maxsize=2)
-def _cached_codebook(path: str, mtime_ns: int) -> Codebook:
-    return load_codebook(path)
+def _cached_codebook(fs: AbstractFileSystem, path: str, stamp: int) -> Codebook:
+    """The codebook at ``path``, loaded once per process and version (``stamp``: a checksum of its file info)."""
+    if is_local(fs):
+        return load_codebook(path)
+    with tempfile.TemporaryDirectory(prefix="kmim-codebook-") as d:
+        get_file(fs, path, Path(d) / CODEBOOK)
+        return load_codebook(Path(d) / CODEBOOK)
+
+
+def _codebook(url: str, storage_options: dict) -> Codebook:
+    fs, path = open_url(url, storage_options)
+    fs.invalidate_cache(path)
+    return _cached_codebook(fs, path, fs.checksum(path))
 
 
 def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> dict:
     """Tokenize one input shard into ``out_dir/shard-XXXXX.tar`` (+ its index), atomically.
 
+    ``codebook_path`` and ``out_dir`` are paths or fsspec URLs. A remote shard is written to the local staging
+    directory, then its index and its tar are uploaded, in that order, each checked before it counts.
     Returns the shard stats (also stored in the index) plus ``timing`` seconds per phase.
     """
-    book = _cached_codebook(codebook_path, Path(codebook_path).stat().st_mtime_ns)
+    book = _codebook(codebook_path, cfg.storage_options)
     extractor = build_extractor(cfg)
     differs = sorted(k for k, v in extractor.metadata().items() if book.metadata.get(k) != v)
     if differs:  # e.g. a weights file replaced between the fit and a resumed run
@@ -99,7 +115,9 @@ def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> 
                          f"in {', '.join(differs)}; tokens would not match the codebook")
     centroids = book.centroids
     dtype = token_dtype(book.k)
-    out = Path(out_dir)
+    fs, root = open_url(out_dir, cfg.storage_options)
+    out = Path(root) if is_local(fs) else staging_dir(out_dir, cfg.staging)
+    out.mkdir(parents=True, exist_ok=True)
     name = shard_name(shard.index)
     writer = ShardWriter(out / name)
     rows: list[dict] = []
@@ -160,4 +178,13 @@ def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> 
     except BaseException:
         writer.abort()
         raise
+    if not is_local(fs):
+        t = time.perf_counter()
+        try:  # the index first: a shard whose tar is there always has its index
+            put_verified(out / index_name(name), fs, join(root, index_name(name)))
+            put_verified(out / name, fs, join(root, name), sha256=sha, size=nbytes)
+        finally:
+            (out / index_name(name)).unlink(missing_ok=True)
+            (out / name).unlink(missing_ok=True)
+        timing["upload"] = time.perf_counter() - t
     return {**stats, "shard": name, "timing": timing}

@@ -10,8 +10,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+from fsspec import AbstractFileSystem
 
 from kmim.datasets.manifest import read_index_stats, read_manifest
+from kmim.storage import join
 
 
 def tcas(counts: np.ndarray) -> float:
@@ -51,14 +53,16 @@ def token_report(counts: np.ndarray, k: int, samples: int, labeled: bool) -> dic
             "patches": int(hist.sum()), "classes": int(counts.shape[1]) if labeled else None}
 
 
-def dataset_report(root: str | Path) -> dict:
-    """Tokenizer report of a committed dataset, from the token counts in its shard indexes."""
-    root = Path(root)
-    manifest = read_manifest(root)
+def dataset_report(root: str | Path, fs: AbstractFileSystem | None = None) -> dict:
+    """Tokenizer report of a committed dataset, from the token counts in its shard indexes.
+
+    ``root`` is a directory, or a path inside the fsspec filesystem ``fs`` when given.
+    """
+    manifest = read_manifest(root, fs)
     k = manifest["codebook"]["k"]
     by_label: dict[int, np.ndarray] = {}
     for entry in manifest["shards"]:
-        tc = read_index_stats(root / entry["index"])["token_counts"]
+        tc = read_index_stats(join(str(root), entry["index"]), fs)["token_counts"]
         for label, token, count in zip(tc["label"], tc["token"], tc["count"], strict=True):
             by_label.setdefault(label, np.zeros(k, np.int64))[token] += count
     labels = sorted(by_label)
