@@ -16,11 +16,11 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from fsspec import AbstractFileSystem
 
 from kmim.config import ConfigError, JobConfig
@@ -33,20 +33,19 @@ from kmim.datasets.manifest import (
     shard_name,
     write_manifest,
 )
-from kmim.datasets.shards import tmp_path
+from kmim.pipeline.fit import FitError, FitSample, fit_sample_kmeans
 from kmim.pipeline.runners import map_shards
 from kmim.pipeline.sources import InputShard, plan_inputs
-from kmim.pipeline.stages import preprocess_of, sample_fit_features, token_dtype, tokenize_shard
+from kmim.pipeline.stages import preprocess_of, token_dtype, tokenize_shard
 from kmim.storage import get_file, is_local, join, list_sizes, open_url, put_bytes, put_verified, redact, staging_dir
 from kmim.tokenizers.codebook import Codebook, load_codebook, save_codebook
 from kmim.tokenizers.extractors import build_extractor
-from kmim.tokenizers.kmeans import fit_kmeans
 from kmim.tokenizers.metrics import dataset_report
 
 log = logging.getLogger("kmim")
 # Settings that do not change any output byte; everything else must match to resume into a directory.
 _NOT_MATERIAL = {"out", "storage_options", "staging", "runner", "ray_address", "max_in_flight", "batch_size",
-                 "assign", "feature_cache"}
+                 "assign", "feature_cache", "kmeans_workers"}
 
 
 class JobError(RuntimeError):
@@ -111,57 +110,33 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path) -> Codeb
     n_fit = min(len(shards), math.ceil(cfg.fit_images / per_shard))
     chosen = sorted({int(round(i)) for i in np.linspace(0, len(shards) - 1, n_fit)})
     patches_per_image = max(1, min(cfg.grid**2, math.ceil(cfg.fit_patches / cfg.fit_images)))
-    cache = Path(cfg.feature_cache) if cfg.feature_cache else None
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-    sample_id = [extractor.metadata(), preprocess_of(cfg).describe(), cfg.seed, per_shard, patches_per_image]
-
-    def cached(shard: InputShard) -> Path | None:
-        return cache / f"features-{_digest([*sample_id, repr(shard)])}.npy" if cache is not None else None
-
-    parts: dict[int, np.ndarray] = {}
-    todo = []
-    for i in chosen:
-        hit = cached(shards[i])
-        if hit is not None and hit.exists():
-            parts[i] = np.load(hit, allow_pickle=False).astype(np.float32)
-        else:
-            todo.append(shards[i])
-    for shard, feats, error in map_shards(sample_fit_features, todo, cfg, per_shard, patches_per_image,
-                                          runner=cfg.runner, desc="sample features", address=cfg.ray_address,
-                                          max_in_flight=cfg.max_in_flight, gpu=_wants_gpu(cfg)):
-        if error is not None:
-            raise JobError(f"sampling fit features from {shard.describe()} failed: {error}") from error
-        if cache is not None:  # fp16 on disk; fresh features take the same rounding as cached ones
-            feats = feats.astype(np.float16)
-            tmp = tmp_path(cached(shard))
-            with open(tmp, "wb") as f:
-                np.save(f, feats, allow_pickle=False)
-            tmp.replace(cached(shard))
-            feats = feats.astype(np.float32)
-        parts[shard.index] = feats
-    x = np.concatenate([parts[i] for i in sorted(parts)])
-    if x.shape[0] > cfg.fit_patches:
-        x = x[np.random.default_rng(cfg.seed).choice(x.shape[0], cfg.fit_patches, replace=False)]
-    if x.shape[0] < cfg.k:
-        raise JobError(f"only {x.shape[0]} patch features for k={cfg.k} (field 'k'): too few decodable images")
+    cache = str(Path(cfg.feature_cache).resolve()) if cfg.feature_cache else None
+    sample = FitSample(tuple(shards[i] for i in chosen), per_shard, patches_per_image, cfg.fit_patches, cache)
+    checkpoint = path.parent / "kmeans-checkpoint"  # epochs done survive a crash; removed with the codebook
     t0 = time.perf_counter()
-    result = fit_kmeans(torch.from_numpy(x), cfg.k, epochs=cfg.kmeans_epochs, batch_size=cfg.kmeans_batch_size,
-                        seed=cfg.seed, metric=extractor.metric, method=cfg.assign,
-                        log=lambda s: log.info("k-means epoch %(epoch)d: inertia/point %(inertia).4f, "
-                                               "utilization %(utilization).3f", s))
+    try:
+        fit = fit_sample_kmeans(cfg, sample, metric=extractor.metric, checkpoint=checkpoint,
+                                log=lambda s: log.info("k-means epoch %(epoch)d: inertia/point %(inertia).4f, "
+                                                       "utilization %(utilization).3f", s))
+    except FitError as e:
+        raise JobError(str(e)) from e
+    result = fit.result
+    # The same for both runners (one algorithm, one fit sample), so equal centroids give an equal tokenizer_id;
+    # the inertia is rounded because its float64 sum depends on how the points were split over actors.
+    inertia = float(f"{result.inertia:.10g}")
     meta = {**extractor.metadata(), "image_size": cfg.image_size, "k": cfg.k,
             "kmeans": {"algorithm": "minibatch", "init": "k-means++", "epochs": cfg.kmeans_epochs,
-                       "batch_size": cfg.kmeans_batch_size, "seed": cfg.seed, "fit_points": int(x.shape[0])},
-            "fit_sample_sha256": hashlib.sha256(x.tobytes()).hexdigest(),
+                       "batch_size": cfg.kmeans_batch_size, "seed": cfg.seed, "fit_points": fit.points},
+            "fit_sample_digest": fit.digest,
             "fit_feature_dtype": "float16" if cache is not None else "float32",
-            "inertia": result.inertia, "inertia_per_point": result.inertia / x.shape[0],
+            "inertia": inertia, "inertia_per_point": float(f"{inertia / fit.points:.10g}"),
             "utilization": result.utilization}
     # Wall time stays out of the metadata: it would change the tokenizer_id from run to run.
-    log.info("k-means fit: %d points x %d dims -> K=%d in %.1fs", x.shape[0], x.shape[1], cfg.k,
+    log.info("k-means fit: %d points x %d dims -> K=%d in %.1fs", fit.points, fit.dim, cfg.k,
              time.perf_counter() - t0)
     book = Codebook(result.centroids, meta)
     save_codebook(path, book)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     return book
 
 

@@ -1,19 +1,43 @@
-"""Mini-batch K-means (Sculley 2010) with greedy k-means++ initialization.
+"""Mini-batch K-means (Sculley 2010) with greedy k-means++ initialization, in-process or over partitions.
 
-Deterministic for a seed: every random draw comes from one seeded ``torch.Generator`` and batches are
-a seeded permutation per epoch. ``metric="ip"`` is spherical k-means (unit-norm centroids, assignment
-by maximum inner product) for L2-normalized features.
+One algorithm, one loop (:func:`run_minibatch`), over any :class:`FitData`: the points may sit in this
+process (:class:`LocalData`, used by :func:`fit_kmeans`) or be split into contiguous ranges of the global
+point index held by Ray actors (:mod:`kmim.pipeline.fit`). Each step, every range reports per-centroid
+sums and counts of its points in that step's mini-batch (:func:`batch_stats`); the loop reduces them
+(:func:`merge_stats`) and moves the centroids (:func:`apply_step`). Sums are float64, so the result does
+not depend on how the points are split beyond float64 rounding.
+
+Deterministic for a seed: every random draw comes from one seeded ``torch.Generator`` on the driver and
+batches are a seeded permutation of the global index per epoch. ``metric="ip"`` is spherical k-means
+(unit-norm centroids, assignment by maximum inner product) for L2-normalized features.
+
+With a checkpoint directory, the state (centroids, counts, generator) is saved after every epoch and a
+later fit with the same settings and data resumes from it, ending bit-identical to an uninterrupted fit.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from kmim.datasets.shards import tmp_path
 from kmim.tokenizers.assign import nearest
+
+logger = logging.getLogger("kmim")
+CHECKPOINT = "kmeans-state.safetensors"
+_CHECKPOINT_FORMAT = "kmim-kmeans/1"
 
 
 @dataclass
@@ -54,60 +78,302 @@ def _unit(c: torch.Tensor) -> torch.Tensor:
     return c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def part_digest(part: np.ndarray) -> str:
+    """sha256 of one part of the points (float32 [n, D]), computed where it lives."""
+    return hashlib.sha256(np.ascontiguousarray(part, dtype=np.float32).tobytes()).hexdigest()
+
+
+def points_digest(part_digests: Sequence[str]) -> str:
+    """Digest of the concatenated points from the digests of its parts, in order (no data moves)."""
+    return hashlib.sha256(" ".join(part_digests).encode()).hexdigest()
+
+
+# ---- one mini-batch step, shared by every data layout -------------------------------------------------
+
+
+@dataclass
+class StepStats:
+    """Per-centroid statistics of the points of one mini-batch (or of one partition's share of it)."""
+
+    ids: torch.Tensor  # int64 [m], ascending: the centroids nearest to at least one point
+    sums: torch.Tensor  # float64 [m, D]: sum of the points nearest to each
+    counts: torch.Tensor  # int64 [m]: number of those points
+    cost: float  # sum over the points of the cost (squared distance, or 1 - cosine) to the nearest centroid
+    cand_cost: torch.Tensor  # float64 [c]: reseeding candidates, highest cost first (ties: lowest position)
+    cand_pos: torch.Tensor  # int64 [c]: their positions in the mini-batch
+    cand_rows: torch.Tensor  # float32 [c, D]: the candidate points
+
+
+def point_cost(x: torch.Tensor, centroids: torch.Tensor, idx: torch.Tensor, metric: str) -> torch.Tensor:
+    """float64 [N]: cost of each row of x [N, D] to centroid idx [N], by direct difference (not a GEMM), so a
+    point's cost does not depend on which other points share its batch."""
+    x64, c64 = x.double(), centroids.double()[idx]
+    if metric == "ip":
+        return 1.0 - (x64 * c64).sum(1)
+    return ((x64 - c64) ** 2).sum(1)
+
+
+def farthest(cost: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the n highest costs, highest first; equal costs ordered by ascending position."""
+    by_pos = torch.argsort(pos, stable=True)
+    return by_pos[torch.argsort(cost[by_pos], descending=True, stable=True)][:n]
+
+
+def batch_stats(xb: torch.Tensor, pos: torch.Tensor, centroids: torch.Tensor, *, metric: str, method: str,
+                candidates: int, device: str | torch.device = "cpu") -> StepStats:
+    """Statistics of points xb float32 [b, D] (at mini-batch positions pos int64 [b]) for centroids [K, D].
+
+    Assignment runs on ``device``; sums, costs and candidates are computed on the CPU in float64.
+    ``candidates`` = how many reseeding candidates to keep (the farthest points).
+    """
+    idx = torch.zeros(0, dtype=torch.int64)
+    if xb.shape[0]:  # a partition may hold no point of this mini-batch
+        idx = nearest(xb.to(device), centroids.to(device), metric=metric, method=method)[0].cpu()
+    cost = point_cost(xb, centroids, idx, metric)
+    ids, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+    sums = torch.zeros(ids.numel(), xb.shape[1], dtype=torch.float64).index_add_(0, inverse, xb.double())
+    top = farthest(cost, pos, candidates)
+    return StepStats(ids, sums, torch.bincount(inverse, minlength=ids.numel()), float(cost.sum()), cost[top],
+                     pos[top], xb[top])
+
+
+def merge_stats(parts: Sequence[StepStats], candidates: int) -> StepStats:
+    """Reduce the statistics of disjoint shares of one mini-batch (in partition order)."""
+    ids, inverse = torch.unique(torch.cat([p.ids for p in parts]), sorted=True, return_inverse=True)
+    dim = parts[0].sums.shape[1]
+    sums = torch.zeros(ids.numel(), dim, dtype=torch.float64).index_add_(0, inverse, torch.cat([p.sums for p in parts]))
+    counts = torch.zeros(ids.numel(), dtype=torch.int64).index_add_(0, inverse, torch.cat([p.counts for p in parts]))
+    cost, pos = torch.cat([p.cand_cost for p in parts]), torch.cat([p.cand_pos for p in parts])
+    top = farthest(cost, pos, candidates)
+    return StepStats(ids, sums, counts, sum(p.cost for p in parts), cost[top], pos[top],
+                     torch.cat([p.cand_rows for p in parts])[top])
+
+
+# ---- the state and its updates ------------------------------------------------------------------------
+
+
+@dataclass
+class KMeansState:
+    centroids: torch.Tensor  # float32 [K, D]
+    counts: torch.Tensor  # float64 [K]: points ever assigned (sets the per-centroid learning rate 1/count)
+    generator: torch.Generator  # the one source of randomness: init sample, k-means++, epoch permutations
+    epoch: int = 0  # epochs completed
+    history: list[dict] = field(default_factory=list)
+
+
+def apply_step(state: KMeansState, stats: StepStats, hits: torch.Tensor, metric: str) -> None:
+    """Move each centroid with points in the mini-batch toward their mean, by rate (its batch count) /
+    (its count ever), i.e. to the running mean of all points ever assigned to it. hits int64 [K] += counts."""
+    ids, b = stats.ids, stats.counts
+    hits[ids] += b
+    state.counts[ids] += b.double()
+    lr = (b.double() / state.counts[ids]).unsqueeze(1)
+    c = state.centroids[ids].double()
+    c += lr * (stats.sums / b.double().unsqueeze(1) - c)
+    state.centroids[ids] = (_unit(c) if metric == "ip" else c).float()
+
+
+def reseed_empty(state: KMeansState, hits: torch.Tensor, last: StepStats) -> int:
+    """Move centroids that got no point this epoch onto the farthest points of the epoch's last mini-batch.
+
+    Returns how many centroids were empty."""
+    empty = torch.nonzero(hits == 0).flatten()
+    take = min(empty.numel(), last.cand_rows.shape[0])
+    if take:
+        state.centroids[empty[:take]] = last.cand_rows[:take]
+        used = state.counts > 0
+        state.counts[empty[:take]] = float(state.counts[used].min()) if used.any() else 1.0
+    return int(empty.numel())
+
+
+# ---- data layouts ---------------------------------------------------------------------------------------
+
+
+class FitData(Protocol):
+    """The fit points, float32 [n, D] indexed 0..n-1 (unit rows for ``metric="ip"``), wherever they live."""
+
+    n: int
+    dim: int
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """float32 [len(idx), D]: the points at global indices idx."""
+
+    def start_epoch(self, order: torch.Tensor) -> None:
+        """order int64 [n]: the epoch's permutation; mini-batch s holds order[s * batch : (s + 1) * batch]."""
+
+    def step(self, centroids: torch.Tensor, start: int, stop: int, candidates: int) -> StepStats:
+        """Merged statistics of the points at positions [start, stop) of the epoch's order."""
+
+    def evaluate(self, centroids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
+        """(total cost, used bool [K]) over all points."""
+
+
+class Partition:
+    """The points with global indices [offset, offset + len(x)): float32 [n, D], on the CPU."""
+
+    def __init__(self, x: torch.Tensor, offset: int, *, metric: str, method: str,
+                 device: str | torch.device = "cpu") -> None:
+        self.x, self.offset, self.metric, self.method, self.device = x, offset, metric, method, device
+        self._pos = self._rows = torch.zeros(0, dtype=torch.int64)
+
+    def rows(self, local_idx: torch.Tensor) -> torch.Tensor:
+        return self.x[local_idx]
+
+    def start_epoch(self, order: torch.Tensor) -> None:
+        """Sort this partition's points by their position in the epoch's global order."""
+        position = torch.empty_like(order)
+        position[order] = torch.arange(order.numel())
+        self._pos, self._rows = position[self.offset:self.offset + self.x.shape[0]].sort()
+
+    def step(self, centroids: torch.Tensor, start: int, stop: int, candidates: int) -> StepStats:
+        lo, hi = (int(torch.searchsorted(self._pos, v)) for v in (start, stop))
+        xb = self.x[self._rows[lo:hi]]
+        return batch_stats(xb, self._pos[lo:hi] - start, centroids, metric=self.metric, method=self.method,
+                           candidates=candidates, device=self.device)
+
+    def evaluate(self, centroids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
+        total, used = 0.0, torch.zeros(centroids.shape[0], dtype=torch.bool)
+        for start in range(0, self.x.shape[0], chunk):
+            xb = self.x[start:start + chunk]
+            idx, _ = nearest(xb.to(self.device), centroids.to(self.device), metric=self.metric, method=self.method)
+            idx = idx.cpu()
+            total += float(point_cost(xb, centroids, idx, self.metric).sum())
+            used[idx] = True
+        return total, used
+
+
+class LocalData:
+    """All points in this process: one :class:`Partition`."""
+
+    def __init__(self, x: torch.Tensor, *, metric: str, method: str) -> None:
+        x = x.float().contiguous()
+        self.part = Partition(_unit(x) if metric == "ip" else x, 0, metric=metric, method=method)
+        self.n, self.dim = x.shape
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.part.rows(idx)
+
+    def start_epoch(self, order: torch.Tensor) -> None:
+        self.part.start_epoch(order)
+
+    def step(self, centroids: torch.Tensor, start: int, stop: int, candidates: int) -> StepStats:
+        return merge_stats([self.part.step(centroids, start, stop, candidates)], candidates)
+
+    def evaluate(self, centroids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
+        return self.part.evaluate(centroids, chunk)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+
+
+def save_checkpoint(directory: Path, state: KMeansState, settings: dict) -> None:
+    """One safetensors file (centroids, counts, generator state; epoch, history and settings as JSON
+    metadata), written to a temporary name and renamed, so a crash leaves the previous epoch's file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / CHECKPOINT
+    tmp = tmp_path(final)
+    meta = {"format": _CHECKPOINT_FORMAT, "epoch": state.epoch, "history": state.history, "settings": settings}
+    tensors = {"centroids": state.centroids.contiguous(), "counts": state.counts.contiguous(),
+               "generator": state.generator.get_state()}
+    try:
+        save_file(tensors, str(tmp), metadata={"kmim-kmeans": json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(directory: Path, settings: dict, epochs: int) -> KMeansState | None:
+    """The saved state if it was made with exactly these settings (and data) and at most ``epochs`` epochs;
+    otherwise None, with a warning naming what differs: a checkpoint is never reused for another fit."""
+    path = directory / CHECKPOINT
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("kmim-kmeans", "{}"))
+    old = meta.get("settings", {})
+    differs = sorted(key for key in {*old, *settings} if old.get(key) != settings.get(key))
+    if meta.get("format") != _CHECKPOINT_FORMAT or differs or meta.get("epoch", 0) > epochs:
+        why = f"other {', '.join(differs)}" if differs else f"epoch {meta.get('epoch')} > {epochs} or other format"
+        logger.warning("ignoring k-means checkpoint %s (%s); fitting from scratch", path, why)
+        return None
+    tensors = load_file(str(path))
+    gen = torch.Generator()
+    gen.set_state(tensors["generator"])
+    return KMeansState(tensors["centroids"], tensors["counts"], gen, meta["epoch"], meta["history"])
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+
+
+def _init_state(data: FitData, k: int, seed: int, init_size: int, metric: str) -> KMeansState:
+    gen = torch.Generator().manual_seed(seed)
+    init_idx = torch.randperm(data.n, generator=gen)[:init_size]
+    centroids = kmeans_plus_plus(data.rows(init_idx), k, gen)
+    return KMeansState(_unit(centroids) if metric == "ip" else centroids, torch.zeros(k, dtype=torch.float64), gen)
+
+
+def _run_epoch(data: FitData, state: KMeansState, batch_size: int, metric: str) -> dict:
+    """One pass over every point in the epoch's shuffled mini-batches, then reseeding; returns its stats."""
+    k = state.centroids.shape[0]
+    data.start_epoch(torch.randperm(data.n, generator=state.generator))
+    hits = torch.zeros(k, dtype=torch.int64)
+    total = 0.0
+    starts = range(0, data.n, batch_size)
+    for start in starts:
+        # Only the last mini-batch's farthest points can re-seed; at most the centroids still empty need one.
+        candidates = int((hits == 0).sum()) if start == starts[-1] else 0
+        stats = data.step(state.centroids, start, min(start + batch_size, data.n), candidates)
+        total += stats.cost
+        apply_step(state, stats, hits, metric)
+    reseeded = reseed_empty(state, hits, stats)
+    state.epoch += 1
+    return {"epoch": state.epoch, "inertia": total / data.n, "utilization": float((hits > 0).float().mean()),
+            "reseeded": reseeded}
+
+
+def run_minibatch(data: FitData, k: int, *, epochs: int, batch_size: int, seed: int, metric: str = "l2",
+                  init_size: int | None = None, checkpoint: Path | None = None, data_digest: str | None = None,
+                  log_epoch: Callable[[dict], None] | None = None) -> KMeansResult:
+    """Fit K centroids to the points of ``data`` (see the module docstring); resumable from ``checkpoint``.
+
+    ``data_digest`` identifies the points for the checkpoint (required with ``checkpoint``).
+    """
+    if data.n < k:
+        raise ValueError(f"k-means needs at least k={k} points, got {data.n}")
+    init_size = min(data.n, init_size or max(20 * k, 16384))
+    settings = {"k": k, "batch_size": batch_size, "seed": seed, "metric": metric, "init_size": init_size,
+                "points": data.n, "dim": data.dim, "data": data_digest}
+    if checkpoint is not None and data_digest is None:
+        raise ValueError("a k-means checkpoint needs a data digest")
+    state = load_checkpoint(checkpoint, settings, epochs) if checkpoint is not None else None
+    if state is None:
+        state = _init_state(data, k, seed, init_size, metric)
+    elif state.epoch:
+        logger.info("k-means: resuming after epoch %d from %s", state.epoch, checkpoint)
+    while state.epoch < epochs:
+        stats = _run_epoch(data, state, batch_size, metric)
+        state.history.append(stats)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, state, settings)
+        if log_epoch is not None:
+            log_epoch(stats)
+    inertia, used = data.evaluate(state.centroids, batch_size)
+    return KMeansResult(state.centroids, inertia, float(used.float().mean()), state.history)
+
+
 def fit_kmeans(x: torch.Tensor, k: int, *, epochs: int, batch_size: int, seed: int, metric: str = "l2",
-               method: str = "auto", init_size: int | None = None,
-               log: Callable[[dict], None] | None = None) -> KMeansResult:
-    """Fit K centroids to x float32 [N, D] with mini-batch k-means.
+               method: str = "auto", init_size: int | None = None, checkpoint: Path | None = None,
+               data_digest: str | None = None, log: Callable[[dict], None] | None = None) -> KMeansResult:
+    """Fit K centroids to x float32 [N, D] in this process with mini-batch k-means.
 
     Each epoch visits every point once in shuffled mini-batches; centroid j moves to the running mean
     of all points ever assigned to it (per-centroid learning rate 1/count). Centroids that got no point
     in an epoch are re-seeded to the farthest points of the epoch's last batch. Assignments are exact
-    nearest centroids, so the fit does not depend on which search backend ran.
+    nearest centroids, so the fit does not depend on which search backend ran. With ``checkpoint`` (a
+    directory), the state is saved every epoch and resumed from; ``data_digest`` defaults to the digest of x.
     """
-    if x.shape[0] < k:
-        raise ValueError(f"k-means needs at least k={k} points, got {x.shape[0]}")
-    gen = torch.Generator().manual_seed(seed)
-    x = x.float().contiguous()
-    if metric == "ip":
-        x = _unit(x)
-    n = x.shape[0]
-    init_size = min(n, init_size or max(20 * k, 16384))
-    init_idx = torch.randperm(n, generator=gen)[:init_size]
-    centroids = kmeans_plus_plus(x[init_idx], k, gen)
-    if metric == "ip":
-        centroids = _unit(centroids)
-    counts = torch.zeros(k, dtype=torch.float64)
-    history = []
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        hits = torch.zeros(k, dtype=torch.int64)
-        total = 0.0
-        for start in range(0, n, batch_size):
-            xb = x[order[start:start + batch_size]]
-            idx, score = nearest(xb, centroids, metric=metric, method=method)
-            total += float(score.double().sum()) + (xb.shape[0] if metric == "ip" else 0)
-            b = torch.bincount(idx, minlength=k)
-            sums = torch.zeros_like(centroids).index_add_(0, idx, xb)
-            hits += b
-            counts += b
-            moved = b > 0
-            lr = (b[moved] / counts[moved]).float().unsqueeze(1)
-            centroids[moved] += lr * (sums[moved] / b[moved].unsqueeze(1).float() - centroids[moved])
-            if metric == "ip":
-                centroids[moved] = _unit(centroids[moved])
-        empty = torch.nonzero(hits == 0).flatten()
-        if empty.numel():
-            far = torch.argsort(score, descending=True, stable=True)[: empty.numel()]
-            centroids[empty[: far.numel()]] = xb[far]
-            counts[empty[: far.numel()]] = float(counts[counts > 0].min()) if (counts > 0).any() else 1.0
-        stats = {"epoch": epoch + 1, "inertia": total / n, "utilization": float((hits > 0).float().mean()),
-                 "reseeded": int(empty.numel())}
-        history.append(stats)
-        if log is not None:
-            log(stats)
-    inertia, used = 0.0, torch.zeros(k, dtype=torch.bool)
-    for start in range(0, n, batch_size):
-        idx, score = nearest(x[start:start + batch_size], centroids, metric=metric, method=method)
-        inertia += float(score.double().sum()) + (idx.numel() if metric == "ip" else 0)
-        used[idx] = True
-    return KMeansResult(centroids, inertia, float(used.float().mean()), history)
+    if checkpoint is not None and data_digest is None:
+        data_digest = points_digest([part_digest(x.float().numpy())])
+    return run_minibatch(LocalData(x, metric=metric, method=method), k, epochs=epochs, batch_size=batch_size,
+                         seed=seed, metric=metric, init_size=init_size, checkpoint=checkpoint,
+                         data_digest=data_digest, log_epoch=log)

@@ -1,0 +1,309 @@
+"""Fit the codebook: sample patch features from input shards, then mini-batch k-means, in-process or on Ray.
+
+On Ray the fit sample never passes through the driver: sampling tasks leave each shard's features in the
+object store, and k-means actors (:class:`PartitionWorker`) each load a contiguous run of shards, i.e. a
+contiguous range of the global point index (the concatenation in input-shard order, whatever the number
+of actors). Every step the driver broadcasts the centroids once, each actor returns the per-centroid sums
+and counts of its share of the mini-batch, and the driver runs the same update as the in-process fit
+(:func:`kmim.tokenizers.kmeans.run_minibatch`): 1 or N actors or none give the same centroids up to
+float64 rounding of the sums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kmim.datasets.shards import tmp_path
+from kmim.pipeline.runners import ensure_ray, map_shards
+from kmim.pipeline.sources import InputShard
+from kmim.pipeline.stages import preprocess_of, sample_fit_features
+from kmim.tokenizers.extractors import build_extractor
+from kmim.tokenizers.kmeans import (
+    KMeansResult,
+    Partition,
+    StepStats,
+    fit_kmeans,
+    merge_stats,
+    part_digest,
+    points_digest,
+    run_minibatch,
+)
+
+
+class FitError(RuntimeError):
+    """The fit sample could not be built (a shard failed, or too few features)."""
+
+
+@dataclass(frozen=True)
+class FitSample:
+    """Which features make up the fit sample: ``images`` per shard, ``patches`` per image, at most ``limit``."""
+
+    shards: tuple[InputShard, ...]
+    images: int
+    patches: int
+    limit: int
+    cache: str | None  # absolute directory of the fp16 feature cache, if any
+
+
+# ---- sampling -------------------------------------------------------------------------------------------
+
+
+def _cache_file(shard: InputShard, cfg, sample: FitSample) -> Path:
+    key = [build_extractor(cfg).metadata(), preprocess_of(cfg).describe(), cfg.seed, sample.images, sample.patches,
+           repr(shard)]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(sample.cache) / f"features-{digest}.npy"
+
+
+def shard_features(shard: InputShard, cfg, sample: FitSample) -> np.ndarray:
+    """float32 [n, D]: the shard's fit features, through the fp16 cache when there is one (then fresh
+    features take the same fp16 rounding as cached ones)."""
+    if sample.cache is None:
+        return sample_fit_features(shard, cfg, sample.images, sample.patches)
+    path = _cache_file(shard, cfg, sample)
+    if path.exists():
+        return np.load(path, allow_pickle=False).astype(np.float32)
+    feats = sample_fit_features(shard, cfg, sample.images, sample.patches).astype(np.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    with open(tmp, "wb") as f:
+        np.save(f, feats, allow_pickle=False)
+    tmp.replace(path)
+    return feats.astype(np.float32)
+
+
+def subsample(rows: Sequence[int], limit: int, seed: int) -> list[np.ndarray | None]:
+    """Per part, the sorted row indices to keep (None = all) so that at most ``limit`` of the concatenated
+    rows remain, drawn uniformly by ``seed``; the kept points stay in concatenation order."""
+    total = int(sum(rows))
+    if total <= limit:
+        return [None] * len(rows)
+    pick = np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
+    bounds = np.cumsum([0, *rows])
+    return [pick[(pick >= lo) & (pick < hi)] - lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _kept(part: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    return part if keep is None else part[keep]
+
+
+# ---- k-means actors ---------------------------------------------------------------------------------------
+
+
+class PartitionWorker:
+    """A Ray actor holding one contiguous range of the fit points; assignment on its GPU if it has one.
+
+    Filled part by part (:meth:`add_chunk`, :meth:`add_shard`; calls run in submission order), then
+    :meth:`build` keeps the sampled rows and fixes the range's global offset."""
+
+    def __init__(self, metric: str, method: str, threads: int) -> None:
+        torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)))))
+        self.metric, self.method = metric, method
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.parts: list[np.ndarray] = []
+        self.part: Partition | None = None
+
+    def add_chunk(self, chunk: np.ndarray) -> int:
+        """Append float32 [n, D] points; returns n."""
+        self.parts.append(chunk)
+        return chunk.shape[0]
+
+    def add_shard(self, shard: InputShard, cfg, sample: FitSample) -> int:
+        """Append the shard's fit features (sampled here, on this actor's GPU if any); returns their count."""
+        return self.add_chunk(shard_features(shard, cfg, sample))
+
+    def build(self, keep: list[np.ndarray | None], offset: int) -> tuple[list[str], int]:
+        """Keep the given rows of each part (None = all); they are global points offset, offset + 1, ...
+
+        Returns (digest per part, dimension)."""
+        parts = [_kept(p, k) for p, k in zip(self.parts, keep, strict=True)]
+        self.parts = []
+        x = torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
+        if self.metric == "ip":
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.part = Partition(x, offset, metric=self.metric, method=self.method, device=self.device)
+        return [part_digest(p) for p in parts], x.shape[1]
+
+    def rows(self, local_idx: torch.Tensor) -> torch.Tensor:
+        return self.part.rows(local_idx)
+
+    def start_epoch(self, order: np.ndarray) -> None:
+        self.part.start_epoch(torch.from_numpy(order))
+
+    def step(self, centroids: torch.Tensor, start: int, stop: int, candidates: int) -> StepStats:
+        return self.part.step(centroids, start, stop, candidates)
+
+    def evaluate(self, centroids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
+        return self.part.evaluate(centroids, chunk)
+
+
+class RayData:
+    """:class:`kmim.tokenizers.kmeans.FitData` over Ray actors, each holding a contiguous range of points.
+
+    ``items`` in global order are object refs of float32 [n_i, D] arrays, or (with ``cfg`` and ``sample``)
+    input shards whose fit features each actor samples itself; then at most ``sample.limit`` points are
+    kept, drawn by ``cfg.seed``. Each of the ``workers`` actors gets a contiguous run of items. Ray must be
+    initialized. Use as a context manager (kills the actors).
+    """
+
+    def __init__(self, items: Sequence[Any], *, workers: int, metric: str = "l2", method: str = "auto",
+                 cfg=None, sample: FitSample | None = None) -> None:
+        import ray
+
+        runs = [r for r in np.array_split(np.arange(len(items)), min(workers, len(items))) if r.size]
+        res = ray.cluster_resources()
+        cpus, gpus = float(res.get("CPU", 1)) / len(runs), float(res.get("GPU", 0)) / len(runs)
+        # Reserve at most one CPU each, so any number of actors fits on any cluster; threads use their share.
+        actor = ray.remote(PartitionWorker).options(num_cpus=min(cpus, 1.0), num_gpus=min(gpus, 1.0),
+                                                    scheduling_strategy="SPREAD", max_restarts=0)
+        self.actors = [actor.remote(metric, method, max(1, int(cpus))) for _ in runs]
+        rows = self._fill(items, runs, cfg, sample)
+        keep = subsample(rows, sample.limit, cfg.seed) if sample is not None else [None] * len(rows)
+        kept = [n if k is None else k.size for n, k in zip(rows, keep, strict=True)]
+        offsets = np.cumsum([0] + [sum(kept[r[0]:r[-1] + 1]) for r in runs])
+        built = ray.get([a.build.remote(keep[r[0]:r[-1] + 1], int(o))
+                         for a, r, o in zip(self.actors, runs, offsets, strict=False)])
+        self.bounds = list(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True))
+        self.digest = points_digest([d for digests, _ in built for d in digests])
+        self.n, self.dim = int(offsets[-1]), built[0][1]
+
+    def _fill(self, items: Sequence[Any], runs: list[np.ndarray], cfg, sample: FitSample | None) -> list[int]:
+        """Hand each actor its items; returns the rows of each item, in order."""
+        import ray
+
+        if sample is not None:
+            cfg_ref, sample_ref = ray.put(cfg), ray.put(sample)
+        refs = {}
+        for a, run in zip(self.actors, runs, strict=True):
+            for i in run:
+                refs[a.add_shard.remote(items[i], cfg_ref, sample_ref) if sample is not None
+                     else a.add_chunk.remote(items[i])] = int(i)
+        rows = [0] * len(items)
+        with tqdm(total=len(refs), desc="sample features" if sample else "load points", unit="part",
+                  dynamic_ncols=True) as bar:
+            while refs:
+                done, _ = ray.wait(list(refs), num_returns=1)
+                i = refs.pop(done[0])
+                try:
+                    rows[i] = ray.get(done[0])
+                except Exception as e:  # noqa: BLE001 - named per item for the caller
+                    what = items[i].describe() if sample is not None else f"chunk {i}"
+                    raise FitError(f"loading fit features from {what} failed: {getattr(e, 'cause', None) or e}") from e
+                bar.update()
+        return rows
+
+    def __enter__(self) -> RayData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        import ray
+
+        out = torch.empty(idx.numel(), self.dim)
+        asked = []
+        for a, (lo, hi) in zip(self.actors, self.bounds, strict=True):
+            mask = (idx >= lo) & (idx < hi)
+            asked.append((mask, a.rows.remote(idx[mask] - lo)))
+        for mask, ref in asked:
+            out[mask] = ray.get(ref)
+        return out
+
+    def start_epoch(self, order: torch.Tensor) -> None:
+        import ray
+
+        ref = ray.put(order.numpy())
+        ray.get([a.start_epoch.remote(ref) for a in self.actors])
+
+    def step(self, centroids: torch.Tensor, start: int, stop: int, candidates: int) -> StepStats:
+        import ray
+
+        ref = ray.put(centroids)
+        return merge_stats(ray.get([a.step.remote(ref, start, stop, candidates) for a in self.actors]), candidates)
+
+    def evaluate(self, centroids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
+        import ray
+
+        ref = ray.put(centroids)
+        parts = ray.get([a.evaluate.remote(ref, chunk) for a in self.actors])
+        return sum(total for total, _ in parts), torch.stack([used for _, used in parts]).any(0)
+
+
+def fit_kmeans_ray(chunks: Sequence[Any], k: int, *, workers: int, epochs: int, batch_size: int, seed: int,
+                   metric: str = "l2", method: str = "auto", init_size: int | None = None,
+                   checkpoint: Path | None = None, log: Callable[[dict], None] | None = None) -> KMeansResult:
+    """:func:`kmim.tokenizers.kmeans.fit_kmeans` on the concatenation of ``chunks`` (object refs of float32
+    [n_i, D]) held by ``workers`` Ray actors. Ray must be initialized."""
+    with RayData(chunks, workers=workers, metric=metric, method=method) as data:
+        return run_minibatch(data, k, epochs=epochs, batch_size=batch_size, seed=seed, metric=metric,
+                             init_size=init_size, checkpoint=checkpoint, data_digest=data.digest, log_epoch=log)
+
+
+# ---- the job's fit ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    result: KMeansResult
+    points: int
+    dim: int
+    digest: str  # of the fit sample (float32 points in global order), the same for every runner
+
+
+def _too_few(points: int, k: int) -> None:
+    if points < k:
+        raise FitError(f"only {points} patch features for k={k} (field 'k'): too few decodable images")
+
+
+def _fit_local(cfg, sample: FitSample, metric: str, checkpoint: Path, log: Callable[[dict], None]) -> FitOutcome:
+    parts = []
+    for shard, feats, error in map_shards(shard_features, list(sample.shards), cfg, sample, runner="local",
+                                          desc="sample features"):
+        if error is not None:
+            raise FitError(f"sampling fit features from {shard.describe()} failed: {error}") from error
+        parts.append(feats)
+    keep = subsample([p.shape[0] for p in parts], sample.limit, cfg.seed)
+    parts = [_kept(p, k) for p, k in zip(parts, keep, strict=True)]
+    x = torch.from_numpy(np.concatenate(parts))
+    _too_few(x.shape[0], cfg.k)
+    digest = points_digest([part_digest(p) for p in parts])
+    result = fit_kmeans(x, cfg.k, epochs=cfg.kmeans_epochs, batch_size=cfg.kmeans_batch_size, seed=cfg.seed,
+                        metric=metric, method=cfg.assign, checkpoint=checkpoint, data_digest=digest, log=log)
+    return FitOutcome(result, x.shape[0], x.shape[1], digest)
+
+
+def _fit_ray(cfg, sample: FitSample, metric: str, checkpoint: Path, log: Callable[[dict], None]) -> FitOutcome:
+    import ray
+
+    ensure_ray(cfg.ray_address)
+    workers = cfg.kmeans_workers or max(1, int(ray.cluster_resources().get("GPU", 0)))
+    with RayData(sample.shards, workers=workers, metric=metric, method=cfg.assign, cfg=cfg, sample=sample) as data:
+        _too_few(data.n, cfg.k)
+        result = run_minibatch(data, cfg.k, epochs=cfg.kmeans_epochs, batch_size=cfg.kmeans_batch_size,
+                               seed=cfg.seed, metric=metric, checkpoint=checkpoint, data_digest=data.digest,
+                               log_epoch=log)
+        return FitOutcome(result, data.n, data.dim, data.digest)
+
+
+def fit_sample_kmeans(cfg, sample: FitSample, *, metric: str, checkpoint: Path,
+                      log: Callable[[dict], None]) -> FitOutcome:
+    """Sample the fit features and fit ``cfg.k`` centroids with ``cfg.runner``: in this process (local) or with
+    ``cfg.kmeans_workers`` Ray actors (ray). Both run the same algorithm on the same points, checkpointing
+    every epoch into ``checkpoint`` and resuming from it."""
+    if cfg.runner == "local":
+        return _fit_local(cfg, sample, metric, checkpoint, log)
+    return _fit_ray(cfg, sample, metric, checkpoint, log)
