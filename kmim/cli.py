@@ -86,7 +86,9 @@ def run(
     batch_size: int | None = typer.Option(None, help="images per extraction batch [64]"),
     runner: str | None = typer.Option(None, help="ray | local [ray]"),
     ray_address: str | None = typer.Option(None, help="join a Ray cluster (default: embedded, or RAY_ADDRESS)"),
-    max_in_flight: int | None = typer.Option(None, help="shard tasks in flight [2 x CPUs]"),
+    max_in_flight: int | None = typer.Option(None, help="shard tasks in flight [2 x CPUs; GPU actors: 2 each]"),
+    task_retries: int | None = typer.Option(None, help="retries of a shard after a transient failure (worker, "
+                                            "actor or node death, I/O error) \\[2]"),
     image_column: str | None = typer.Option(None, help="Parquet image-bytes column [image]"),
     label_column: str | None = typer.Option(None, help="Parquet label column [label]"),
     min_image_size: int | None = typer.Option(None, help="skip images with a shorter side below this [8]"),

@@ -66,7 +66,10 @@ class JobConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="images per extraction batch")
     runner: Literal["ray", "local"] = "ray"
     ray_address: str | None = None
-    max_in_flight: int | None = Field(None, ge=1, description="shard tasks in flight (default: 2 x CPUs)")
+    max_in_flight: int | None = Field(None, ge=1, description="shard tasks in flight "
+                                      "(default: 2 x CPUs; with GPU actors: 2 per actor)")
+    task_retries: int = Field(2, ge=0, le=100, description="extra attempts of a shard after a transient failure "
+                                                          "(worker/actor/node death, I/O error)")
     image_column: str = "image"
     label_column: str | None = "label"
     min_image_size: int = Field(8, ge=1)

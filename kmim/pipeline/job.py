@@ -45,7 +45,7 @@ from kmim.tokenizers.metrics import dataset_report
 log = logging.getLogger("kmim")
 # Settings that do not change any output byte; everything else must match to resume into a directory.
 _NOT_MATERIAL = {"out", "storage_options", "staging", "runner", "ray_address", "max_in_flight", "batch_size",
-                 "assign", "feature_cache", "kmeans_workers"}
+                 "assign", "feature_cache", "task_retries", "kmeans_workers"}
 
 
 class JobError(RuntimeError):
@@ -155,9 +155,10 @@ def run_job(cfg: JobConfig) -> dict:
     failures, timing = [], {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
     for shard, stats, error in map_shards(tokenize_shard, todo, cfg, book_ref, out_ref, runner=cfg.runner,
                                           desc="tokenize", address=cfg.ray_address,
-                                          max_in_flight=cfg.max_in_flight, gpu=_wants_gpu(cfg)):
+                                          max_in_flight=cfg.max_in_flight, gpu=_wants_gpu(cfg),
+                                          retries=cfg.task_retries):
         if error is not None:
-            failures.append(f"{shard.describe()}: {type(error).__name__}: {error}")
+            failures.append(f"{shard.describe()}: {error}")  # error says what, why, after how many attempts
         else:
             for phase, seconds in stats["timing"].items():
                 timing[phase] = timing.get(phase, 0.0) + seconds

@@ -1,0 +1,233 @@
+"""Ray on a real multi-node cluster on one machine (``ray.cluster_utils.Cluster``, every node on 127.0.0.1).
+
+Two nodes of 1 CPU + 1 logical GPU each. There is no CUDA here, so extractors run on the CPU, but Ray schedules
+by the logical GPUs: a learned-extractor job takes the GPU actor-pool path (one actor per GPU, hence one per
+node), a pixel job the CPU-task path. Faults are real: a SIGKILL of the worker process running a shard task or
+of a GPU actor mid-job, and input shards that cannot be read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from conftest import class_image, job_overrides, make_image_folder, png_bytes
+from PIL import Image
+from ray._private.authentication_test_utils import reset_auth_token_state
+from ray.cluster_utils import Cluster
+from test_learned_extractors import VIT16, save_tiny
+from typer.testing import CliRunner
+
+from kmim.cli import app
+from kmim.config import load_config
+from kmim.datasets.manifest import CODEBOOK, read_index, read_manifest
+from kmim.datasets.shards import ShardWriter, iter_tar
+from kmim.datasets.verify import verify_dataset
+from kmim.pipeline.job import run_job
+from kmim.pipeline.runners import ensure_ray
+
+NODE = {"num_cpus": 1, "num_gpus": 1, "node_ip_address": "127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a worker node with their own token auth and ``RAY_TMPDIR``, so ``auto`` finds this cluster
+    only. Nodes and drivers share the token through the environment (Ray's default, a token in ~/.ray, is
+    picked up by drivers but not by ``Cluster`` nodes)."""
+    ray.shutdown()  # a driver left connected elsewhere would be reused instead of joining this cluster
+    ray_tmp = tempfile.mkdtemp(prefix="kr-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", ray_tmp)
+        mp.setenv("RAY_AUTH_MODE", "token")
+        mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        reset_auth_token_state()
+        c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+        try:
+            c.add_node(**NODE)
+            c.wait_for_nodes()
+            yield c
+        finally:
+            ray.shutdown()
+            c.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    reset_auth_token_state()
+
+
+@pytest.fixture
+def driver(cluster) -> str:
+    """This process as a driver of ``cluster``, kept between tests so Ray reuses its warm worker processes."""
+    ensure_ray(cluster.address)
+    assert ray.get_runtime_context().gcs_address == cluster.address
+    return cluster.address
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """36 small images plus, in each class, one 4000 x 4000 PNG (valid, ~0.3 s to decode) so shard tasks last
+    long enough to be killed mid-way; and the tiny ViT's weights next to them."""
+    root = make_image_folder(tmp_path_factory.mktemp("data") / "images")
+    yy, xx = np.mgrid[0:4000, 0:4000]
+    big = np.stack([xx * 255 // 4000, yy * 255 // 4000, (xx + yy) % 256], -1).astype(np.uint8)
+    for c in range(3):
+        Image.fromarray(np.roll(big, c, axis=2)).save(root / f"class_{c}" / "img_big.png")
+    save_tiny(root.parent / "vit.safetensors", VIT16)
+    return root
+
+
+def settings(data: Path, out: Path, extractor: str, **kw) -> dict:
+    extra = {}
+    if extractor == "dino":
+        extra = {"extractor": "dino", "model": VIT16[1], "model_kwargs": json.dumps(VIT16[2]),
+                 "weights": str(data.parent / "vit.safetensors"), "patch_size": 16, "k": 6}
+    return job_overrides(out=str(out), input=str(data), **extra, **kw)
+
+
+@pytest.fixture(scope="module")
+def local(data: Path, tmp_path_factory) -> dict[str, Path]:
+    """The in-process runner's dataset of each job: the reference every cluster run must reproduce."""
+    base = tmp_path_factory.mktemp("local")
+    for extractor in ("pixel", "dino"):
+        run_job(load_config(None, settings(data, base / extractor, extractor)))
+    return {"pixel": base / "pixel", "dino": base / "dino"}
+
+
+def inputs_of(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def assert_each_input_once(out: Path, inputs: list[str]) -> None:
+    """Every input is in exactly one index row; the shards hold each decodable one exactly once."""
+    manifest = read_manifest(out)
+    sources, keys = [], []
+    for entry in manifest["shards"]:
+        index = read_index(out / entry["index"]).to_pydict()
+        sources += index["source"]
+        with open(out / entry["path"], "rb") as f:
+            shard_keys = [s["__key__"] for s in iter_tar(f)]
+        assert len(shard_keys) == entry["samples"] == index["status"].count("ok")
+        keys += shard_keys
+    assert sorted(sources) == inputs
+    assert len(set(keys)) == len(keys) == manifest["samples"]
+    assert manifest["samples"] + sum(manifest["skipped"].values()) == len(inputs)
+    assert verify_dataset(out) == []
+
+
+def ray_pids(title: str, ray_tmp: str) -> list[int]:
+    """PIDs of this cluster's processes titled ``title`` (Ray titles a worker ``ray::<task>`` while it runs one)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+            ours = f"RAY_TMPDIR={ray_tmp}".encode() in (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        if cmdline.startswith(title) and ours:
+            pids.append(int(proc.name))
+    return pids
+
+
+def killed_mid_job(cfg: dict, title: str, timeout: float = 120.0) -> dict:
+    """Run the job in a thread of this process (the driver); SIGKILL the first process of this cluster titled
+    ``title`` as soon as one runs; return the job's summary."""
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(run_job, load_config(None, cfg))
+        deadline = time.monotonic() + timeout
+        while not (pids := ray_pids(title, os.environ["RAY_TMPDIR"])):
+            assert time.monotonic() < deadline and not job.done(), f"no process titled {title!r} ran"
+            time.sleep(0.01)
+        os.kill(pids[0], signal.SIGKILL)
+        return job.result(timeout=timeout)
+
+
+def with_codebook_of(reference: Path, out: Path) -> None:
+    """Start ``out`` with the reference's codebook, so the job only tokenizes (the stage under fault here)."""
+    out.mkdir()
+    shutil.copy(reference / CODEBOOK, out / CODEBOOK)
+
+
+def test_auto_and_ray_address_join_the_cluster(cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    for address, env in (("auto", None), (None, cluster.address)):
+        ray.shutdown()
+        if env is not None:
+            monkeypatch.setenv("RAY_ADDRESS", env)
+        ensure_ray(address)
+        assert ray.get_runtime_context().gcs_address == cluster.address
+        assert ray.cluster_resources()["GPU"] == 2
+    ray.shutdown()
+
+
+def test_job_over_two_nodes_gives_the_local_manifest(data: Path, tmp_path: Path, driver: str,
+                                                     local: dict[str, Path]) -> None:
+    """A DINO job: the k-means fit, then one GPU actor per node tokenizing; the in-process runner's dataset."""
+    summary = run_job(load_config(None, settings(data, tmp_path / "out", "dino", runner="ray", ray_address=driver)))
+    assert summary["codebook_fitted"] and summary["shards_written"] == 4
+    assert read_manifest(tmp_path / "out") == read_manifest(local["dino"])
+
+
+def test_killed_task_worker_is_retried_and_every_input_lands_once(data: Path, tmp_path: Path, driver: str,
+                                                                  local: dict[str, Path],
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The worker process running a pixel shard task is SIGKILLed mid-job; the task runs again elsewhere."""
+    out = tmp_path / "out"
+    with_codebook_of(local["pixel"], out)
+    with caplog.at_level(logging.WARNING, logger="kmim"):
+        summary = killed_mid_job(settings(data, out, "pixel", runner="ray", ray_address=driver),
+                                 "ray::tokenize_shard")
+    assert "WorkerCrashedError" in caplog.text and "retrying (attempt 2 of 3)" in caplog.text
+    assert summary["shards_written"] == 4
+    assert_each_input_once(out, inputs_of(data))
+    assert read_manifest(out) == read_manifest(local["pixel"])
+
+
+def test_killed_gpu_actor_is_replaced_and_every_input_lands_once(data: Path, tmp_path: Path, driver: str,
+                                                                 local: dict[str, Path],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A GPU actor is SIGKILLed while it tokenizes: a new one takes its items; the same dataset is committed."""
+    out = tmp_path / "out"
+    with_codebook_of(local["dino"], out)
+    with caplog.at_level(logging.WARNING, logger="kmim"):
+        summary = killed_mid_job(settings(data, out, "dino", runner="ray", ray_address=driver),
+                                 "ray::_StageActor.run")
+    assert "starting a replacement" in caplog.text
+    assert summary["shards_written"] == 4
+    assert_each_input_once(out, inputs_of(data))
+    assert read_manifest(out) == read_manifest(local["dino"])
+
+
+def test_failing_shards_are_reported_with_reason_and_attempts(tmp_path: Path, driver: str) -> None:
+    """A shard that cannot be read (an I/O error: retried up to --task-retries) and one that breaks the tar
+    contract (deterministic: not retried) fail the job; the CLI reports each, and no manifest is written."""
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    rng = np.random.default_rng(0)
+    w = ShardWriter(tars / "a.tar")
+    for i in range(16):
+        w.write({"__key__": f"s{i}", "png": png_bytes(class_image(rng, i % 3, (32, 32)))})
+    w.close()
+    w.commit()
+    (tars / "b.tar").mkdir()  # listed as an input shard, unreadable as a file
+    w = ShardWriter(tars / "c.tar")
+    w.write({"__key__": "bad/name", "png": b"x"})
+    w.close()
+    w.commit()
+    cfg = job_overrides(out=str(tmp_path / "out"), input=str(tars / "{a,b,c}.tar"), runner="ray",
+                        ray_address=driver, task_retries=1, fit_images=16, fit_patches=100)
+    res = CliRunner().invoke(app, ["run", *[a for k, v in cfg.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
+    assert res.exit_code == 1, res.output
+    report = " ".join(res.output.split())  # undo the console's line wrapping
+    assert "error: 2 of 3 shards failed; no manifest written" in report
+    assert "b.tar: IsADirectoryError" in report and "(failed after 2 attempts)" in report
+    assert "c.tar: ShardError" in report and "(failed after 1 attempt, not retried: deterministic error)" in report
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert (tmp_path / "out" / "shard-00000.tar").exists()
