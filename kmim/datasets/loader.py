@@ -17,9 +17,10 @@ Sample order is a pure function of (seed, epoch, world layout), in the style of 
 Reading: only shards the manifest lists, each read whole into memory and checked against the manifest
 (size, sample count and, unless ``verify=False``, sha256 on every load). Remote shards (any non-local
 fsspec URL) are cached on local disk by sha256, evicting the least recently used files beyond
-``cache_bytes``; local shards are read in place. Only the image member (via :func:`decode_view` with the
-manifest's preprocessing, i.e. the exact view the tokens were computed on), ``.tokens.npy``
-(``allow_pickle=False``) and ``.json`` are decoded; other members are ignored, never unpickled.
+``cache_bytes`` (:class:`~kmim.datasets.shard_store.ShardStore`); local shards are read in place.
+Only the image member (via :func:`decode_view` with the manifest's preprocessing, i.e. the exact view
+the tokens were computed on), ``.tokens.npy`` (``allow_pickle=False``) and ``.json`` are decoded; other
+members are ignored, never unpickled.
 
 Memory per worker is about ``shuffle_window / samples_per_shard + 2`` shards' bytes: a window mixes
 that many shards, and every worker of a rank reads each shard its batches touch.
@@ -27,8 +28,6 @@ that many shards, and every worker of a rank reads each shard its batches touch.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -43,12 +42,13 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kmim.datasets.manifest import FORMAT, MANIFEST
 from kmim.datasets.preprocess import IMAGE_EXTS, Preprocess, SkipImage, decode_view
-from kmim.datasets.shards import decode_npy, iter_tar, sample_meta, tmp_path
+from kmim.datasets.shard_store import LoaderError, ShardStore, default_cache_dir
+from kmim.datasets.shards import decode_npy, iter_tar, sample_meta
+from kmim.storage import join
 
 log = logging.getLogger("kmim")
 
@@ -59,10 +59,6 @@ _SHARD_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.tar$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")  # also the remote cache's file name, so it must be exactly this
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _TOKEN_DTYPES = ("uint16", "int32")
-
-
-class LoaderError(ValueError):
-    """A dataset or shard the loader refuses: not in the manifest, wrong tokenizer, checksum or content mismatch."""
 
 
 @dataclass(frozen=True)
@@ -97,10 +93,6 @@ def _is_count(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _join(root: str, name: str) -> str:
-    return root.rstrip("/") + "/" + name
-
-
 def _preprocess(manifest: dict, where: str) -> Preprocess:
     """The :class:`Preprocess` the manifest describes; refuses one :func:`decode_view` does not implement."""
     desc = manifest.get("preprocess") or {}
@@ -122,7 +114,7 @@ def open_manifest(root: str | os.PathLike, *, expect_tokenizer_id: str | None = 
     plain ``*.tar`` name inside the dataset directory (or lists one twice), its counts disagree, its token
     grid is not 2-D [h, w] matching the preprocessing, or its ``tokenizer_id`` is not ``expect_tokenizer_id``.
     """
-    url = _join(os.fspath(root), MANIFEST)
+    url = join(os.fspath(root), MANIFEST)
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
             manifest = json.loads(f.read())
@@ -176,83 +168,6 @@ def epoch_order(counts: Sequence[int], seed: int, epoch: int, *, shuffle: bool =
     return ids[np.lexsort((keys, np.arange(len(ids)) // window))]
 
 
-class _ShardStore:
-    """Reads manifest-listed shards as bytes: local ones in place, remote ones through an LRU disk cache."""
-
-    def __init__(self, root: str, entries: dict[str, dict], storage_options: dict, verify: bool,
-                 cache_dir: Path, cache_bytes: int):
-        self.root, self.entries, self.storage_options = root, entries, storage_options
-        self.verify, self.cache_dir, self.cache_bytes = verify, cache_dir, cache_bytes
-        self._fs: fsspec.AbstractFileSystem | None = None
-        self._path = ""
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fs": None}  # filesystems are reopened per worker process
-
-    def _filesystem(self) -> fsspec.AbstractFileSystem:
-        if self._fs is None:
-            self._fs, self._path = fsspec.core.url_to_fs(self.root, **self.storage_options)
-        return self._fs
-
-    def _problem(self, name: str, data: bytes) -> str | None:
-        entry = self.entries[name]
-        if len(data) != entry["bytes"]:
-            return f"{name}: {len(data)} bytes, manifest says {entry['bytes']}"
-        if self.verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            return f"{name}: sha256 does not match the manifest's {entry['sha256'][:12]}... (corrupt or replaced)"
-        return None
-
-    def read(self, name: str) -> bytes:
-        if name not in self.entries:
-            raise LoaderError(f"{name}: not in the manifest, so not part of the dataset")
-        fs = self._filesystem()
-        remote = not isinstance(fs, LocalFileSystem)
-        cached = self.cache_dir / f"{self.entries[name]['sha256']}.tar"
-        use_cache = remote and self.entries[name]["bytes"] <= self.cache_bytes
-        if use_cache:
-            try:
-                data = cached.read_bytes()
-            except FileNotFoundError:
-                pass
-            else:
-                if self._problem(name, data) is None:
-                    with contextlib.suppress(FileNotFoundError):  # evicted by another worker meanwhile
-                        os.utime(cached)  # mtime is the LRU clock
-                    return data
-                cached.unlink(missing_ok=True)
-        with fs.open(_join(self._path, name), "rb") as f:
-            data = f.read()
-        if (problem := self._problem(name, data)) is not None:
-            raise LoaderError(problem)
-        if use_cache:
-            self._store(cached, data)
-        return data
-
-    def _store(self, final: Path, data: bytes) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(final)
-        tmp.write_bytes(data)
-        os.replace(tmp, final)
-        files = []
-        for p in self.cache_dir.glob("*.tar"):
-            try:
-                st = p.stat()
-            except FileNotFoundError:  # evicted by another worker meanwhile
-                continue
-            files.append((st.st_mtime_ns, st.st_size, p))
-        total = sum(size for _, size, _ in files)
-        for _, size, p in sorted(files):
-            if total <= self.cache_bytes:
-                break
-            if p != final:
-                p.unlink(missing_ok=True)
-                total -= size
-
-
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kmim" / "shards"
-
-
 def _dist_layout() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -299,9 +214,9 @@ class TokenDataset(IterableDataset):
         grid = self.manifest["token_grid"]
         self._grid, self._dtype = tuple(grid["shape"]), np.dtype(grid["dtype"])
         self._k = self.manifest["codebook"]["k"]
-        self._store = _ShardStore(self.root, {e["path"]: e for e in self.manifest["shards"]}, storage_options or {},
-                                  verify, Path(cache_dir) if cache_dir is not None else _default_cache_dir(),
-                                  cache_bytes)
+        self._store = ShardStore(self.root, {e["path"]: e for e in self.manifest["shards"]}, storage_options or {},
+                                 verify, Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+                                 cache_bytes)
         self._cache: OrderedDict[int, list[dict]] = OrderedDict()
         self._cache_size = 2
         n, global_batch = int(self.offsets[-1]), batch_size * world_size
