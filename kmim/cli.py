@@ -76,7 +76,7 @@ def run(
     kmeans_epochs: int | None = typer.Option(None, help="[20]"),
     kmeans_batch_size: int | None = typer.Option(None, help="[8192]"),
     kmeans_workers: int | None = typer.Option(None, help="Ray actors sampling and holding the k-means fit "
-                                              "sample (runner ray) \\[GPUs in the cluster, else 1]"),
+                                              "sample (runner ray) \\[GPUs in the cluster, else CPUs up to 16]"),
     fit_images: int | None = typer.Option(None, help="images sampled for the fit [10000]"),
     fit_patches: int | None = typer.Option(None, help="patches sampled for the fit [200000]"),
     assign: str | None = typer.Option(None, help="auto | faiss | torch \\[auto]"),

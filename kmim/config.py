@@ -57,7 +57,7 @@ class JobConfig(BaseModel):
     kmeans_epochs: int = Field(20, ge=1, le=10_000)
     kmeans_batch_size: int = Field(8192, ge=16)
     kmeans_workers: int | None = Field(None, ge=1, description="Ray actors holding the k-means fit sample "
-                                       "(runner ray; default: the GPUs in the cluster, else 1)")
+                                       "(runner ray; default: the GPUs in the cluster, else its CPUs up to 16)")
     fit_images: int = Field(10_000, ge=1, description="images sampled for the k-means fit")
     fit_patches: int = Field(200_000, ge=2, description="patch features sampled for the k-means fit")
     assign: Literal["auto", "faiss", "torch"] = "auto"

@@ -290,7 +290,10 @@ def _fit_ray(cfg, sample: FitSample, metric: str, checkpoint: Path, log: Callabl
     import ray
 
     ensure_ray(cfg.ray_address)
-    workers = cfg.kmeans_workers or max(1, int(ray.cluster_resources().get("GPU", 0)))
+    res = ray.cluster_resources()
+    # Without GPUs, one single-threaded actor per CPU samples the fit features in parallel (sampling is
+    # decode-bound); past ~16 actors the per-step gather of every actor costs more than it saves.
+    workers = cfg.kmeans_workers or int(res.get("GPU", 0)) or max(1, min(16, int(res.get("CPU", 1))))
     with RayData(sample.shards, workers=workers, metric=metric, method=cfg.assign, cfg=cfg, sample=sample) as data:
         _too_few(data.n, cfg.k)
         result = run_minibatch(data, cfg.k, epochs=cfg.kmeans_epochs, batch_size=cfg.kmeans_batch_size,
