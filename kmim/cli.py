@@ -84,6 +84,7 @@ def run(
                                              "so repeated k-means experiments skip extraction"),
     shard_size: int | None = typer.Option(None, help="samples per shard [1000]"),
     batch_size: int | None = typer.Option(None, help="images per extraction batch [64]"),
+    decode_threads: int | None = typer.Option(None, help="decoding threads per worker [the CPUs it holds]"),
     runner: str | None = typer.Option(None, help="ray | local [ray]"),
     ray_address: str | None = typer.Option(None, help="join a Ray cluster (default: embedded, or RAY_ADDRESS)"),
     max_in_flight: int | None = typer.Option(None, help="shard tasks in flight [2 x CPUs; GPU actors: 2 each]"),

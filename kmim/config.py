@@ -64,6 +64,8 @@ class JobConfig(BaseModel):
     feature_cache: str | None = Field(None, description="directory caching sampled fit features (fp16)")
     shard_size: int = Field(1000, ge=1, description="samples per shard")
     batch_size: int = Field(64, ge=1, description="images per extraction batch")
+    decode_threads: int | None = Field(None, ge=1, description="threads decoding images in each worker "
+                                       "(default: the CPUs the worker holds)")
     runner: Literal["ray", "local"] = "ray"
     ray_address: str | None = None
     max_in_flight: int | None = Field(None, ge=1, description="shard tasks in flight "

@@ -8,6 +8,7 @@ pixels the trainer sees.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ TRUNCATED = "truncated"
 BOMB = "decompression_bomb"
 TOO_SMALL = "too_small"
 NO_IMAGE = "no_image"
+# warnings filters are process-global (before Python 3.14): decoder threads must not interleave them.
+_OPEN_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -85,17 +88,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_view(data: bytes, pre: Preprocess) -> View:
-    """Decode image bytes into the center-cropped RGB view; raises :class:`SkipImage` for bad input."""
+    """Decode image bytes into the center-cropped RGB view; raises :class:`SkipImage` for bad input.
+
+    Thread-safe; PIL releases the GIL while it decodes and resizes, so threads decode in parallel."""
     if not data:
         raise SkipImage(EMPTY)
     try:
-        with warnings.catch_warnings():
+        with _OPEN_LOCK, warnings.catch_warnings():  # open parses the header only; PIL's bomb check is there
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            fmt = img.format or ""
-            if img.width * img.height > pre.max_image_pixels:
-                raise SkipImage(BOMB, f"{img.width}x{img.height} pixels")
-            img.load()
+        fmt = img.format or ""
+        if img.width * img.height > pre.max_image_pixels:
+            raise SkipImage(BOMB, f"{img.width}x{img.height} pixels")
+        img.load()
     except SkipImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -45,7 +45,8 @@ from kmim.tokenizers.metrics import dataset_report
 log = logging.getLogger("kmim")
 # Settings that do not change any output byte; everything else must match to resume into a directory.
 _NOT_MATERIAL = {"out", "storage_options", "staging", "runner", "ray_address", "max_in_flight", "batch_size",
-                 "assign", "feature_cache", "task_retries", "kmeans_workers"}
+                 "assign", "feature_cache", "task_retries", "kmeans_workers",
+                 "decode_threads"}
 
 
 class JobError(RuntimeError):

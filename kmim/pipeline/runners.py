@@ -14,9 +14,9 @@ In every case only the items (shard descriptions) and the per-shard stats pass t
 images, pixels and features never do, so in-flight work is bounded by the counts above. Decode happens in
 the GPU actor, in the same process as extraction and assignment: a batch never leaves the process between
 the exact pixels it was decoded to and its token grid, and decoded pixels (an order of magnitude larger
-than the compressed bytes) are never shipped between processes. The cost is that an actor's GPU idles
-while it decodes; on a node with many cores per GPU, more actors per GPU or a threaded decode would
-hide that.
+than the compressed bytes) are never shipped between processes. Each GPU actor holds its node's share of
+CPUs (CPUs / GPUs) and the stage decodes on that many threads (PIL releases the GIL), so the cores of a
+GPU node decode for its GPUs.
 
 Failures: an item whose worker, actor or node died (or whose result was lost), or whose stage raised an
 error that looks transient (``OSError`` such as a storage hiccup, ``MemoryError``, CUDA out of memory), is
@@ -132,13 +132,23 @@ class _TaskPool:
         """Nothing to release: tasks end by themselves."""
 
 
+def _cpus_per_gpu() -> int:
+    """CPUs each GPU actor holds: the smallest CPU-to-GPU ratio among GPU nodes (at least 1). Ray sets the
+    actor's thread count to it, and the stage decodes on that many threads."""
+    import ray
+
+    ratios = [int(n["Resources"].get("CPU", 0) // n["Resources"]["GPU"]) for n in ray.nodes()
+              if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
+    return max(1, min(ratios, default=1))
+
+
 class _ActorPool:
     """``n`` GPU actors, each with at most ``per_actor`` items in flight; a dead actor is replaced."""
 
     def __init__(self, fn: Callable[..., Any], args: list, n: int, per_actor: int) -> None:
         import ray
 
-        self.cls = ray.remote(num_cpus=1, num_gpus=1, max_restarts=0)(_StageActor)
+        self.cls = ray.remote(num_cpus=_cpus_per_gpu(), num_gpus=1, max_restarts=0)(_StageActor)
         self.init_args = (fn, *args)
         self.actors = [self.cls.remote(*self.init_args) for _ in range(n)]
         self.load = [0] * n

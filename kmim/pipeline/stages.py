@@ -10,7 +10,9 @@ import hashlib
 import json
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,17 +43,39 @@ def token_dtype(k: int) -> np.dtype:
     return np.dtype(np.uint16) if k <= 65536 else np.dtype(np.int32)
 
 
+def _decode_one(raw: RawSample, pre: Preprocess) -> tuple[RawSample, View | None, str | None]:
+    if raw.skip is not None:
+        return raw, None, raw.skip
+    try:
+        return raw, decode_view(raw.data or b"", pre), None
+    except SkipImage as e:
+        return raw, None, e.reason
+
+
 def _decoded(shard: InputShard, cfg) -> Iterator[tuple[RawSample, View | None, str | None]]:
-    """(raw sample, view or None, skip reason or None) for every input of the shard, in order."""
+    """(raw sample, view or None, skip reason or None) for every input of the shard, in order.
+
+    Decodes on ``cfg.decode_threads`` threads (default: the CPUs this process may use, which Ray sets
+    per worker), so a GPU worker's batch is decoded by all the cores it holds, in the same process that
+    extracts and assigns it. At most 4 images per thread are decoded ahead of the consumer.
+    """
     pre = preprocess_of(cfg)
-    for raw in read_shard(shard, cfg):
-        if raw.skip is not None:
-            yield raw, None, raw.skip
-            continue
+    threads = cfg.decode_threads or torch.get_num_threads()
+    if threads == 1:
+        yield from (_decode_one(raw, pre) for raw in read_shard(shard, cfg))
+        return
+    ahead: deque[Future] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="kmim-decode") as pool:
         try:
-            yield raw, decode_view(raw.data or b"", pre), None
-        except SkipImage as e:
-            yield raw, None, e.reason
+            for raw in read_shard(shard, cfg):
+                ahead.append(pool.submit(_decode_one, raw, pre))
+                if len(ahead) >= 4 * threads:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:  # the consumer may stop early (the fit sample needs only the first images)
+            for f in ahead:
+                f.cancel()
 
 
 def _batch_tensor(views: list[View]) -> torch.Tensor:
