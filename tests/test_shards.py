@@ -6,9 +6,10 @@ import io
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from kmim.datasets.shards import ShardError, ShardWriter, iter_tar, sha256_file
+from kmim.datasets.shards import ShardError, ShardWriter, decode_npy, encode_npy, iter_tar, sha256_file
 
 
 def write(path: Path, samples: list[dict]) -> tuple[str, int]:
@@ -61,3 +62,22 @@ def test_reader_rejects_links_dirs_and_duplicates() -> None:
         list(iter_tar(raw_tar([link])))
     with pytest.raises(ShardError, match="appears twice"):
         list(iter_tar(raw_tar([tarfile.TarInfo("a.png"), tarfile.TarInfo("b.png"), tarfile.TarInfo("a.json")])))
+
+
+def test_npy_fast_path_matches_np_load_and_falls_back() -> None:
+    grid = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    data = encode_npy(grid)
+    fast = decode_npy(data, (grid.dtype.str, (8, 8)))
+    assert fast.dtype == grid.dtype and np.array_equal(fast, grid) and fast.flags.writeable
+    # Another dtype, shape or a Fortran-order header than expected: np.load reads what is really there.
+    for other in (grid.astype(np.int32), grid.reshape(4, 16), np.asfortranarray(grid.reshape(4, 16))):
+        got = decode_npy(encode_npy(other), (grid.dtype.str, (8, 8)))
+        assert got.dtype == other.dtype and got.shape == other.shape and np.array_equal(got, other)
+    with pytest.raises(ValueError):  # a pickled object array is refused, never unpickled
+        decode_npy(_pickled_npy(), (grid.dtype.str, (8, 8)))
+
+
+def _pickled_npy() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return buf.getvalue()

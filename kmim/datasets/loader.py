@@ -283,7 +283,7 @@ class TokenDataset(IterableDataset):
         if view.geometry != meta.get("view"):
             raise LoaderError(f"{where}: decoded view {view.geometry} is not the one the tokens were computed on "
                               f"({meta.get('view')})")
-        tokens = decode_npy(sample["tokens.npy"])
+        tokens = decode_npy(sample["tokens.npy"], (self._dtype.str, self._grid))
         if tokens.dtype != self._dtype or tokens.shape != self._grid:
             raise LoaderError(f"{where}: tokens {tokens.dtype}{list(tokens.shape)}, manifest says "
                               f"{self._dtype}{list(self._grid)}")
