@@ -188,6 +188,8 @@ def train_command(
     mto_w_e: float | None = typer.Option(None, help="MTO 1/H(0) weight \\[1.0]"),
     mto_w_r: float | None = typer.Option(None, help="MTO heterogeneity-ranking weight \\[1.0]"),
     mto_eps: float | None = typer.Option(None, help="MTO eps in 1/(H(0)+eps) \\[0.1]"),
+    mto_scale: bool | None = typer.Option(None, "--mto-scale/--no-mto-scale",
+                                          help="MTO dot products / sqrt(width) (off: the paper's formula) \\[off]"),
     model: str | None = typer.Option(None, help="tiny | small | base \\[tiny]"),
     model_dim: int | None = typer.Option(None, help="encoder width override"),
     model_depth: int | None = typer.Option(None, help="encoder blocks override"),

@@ -169,8 +169,15 @@ def test_run_directory_refusals(dataset: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("override", "field"), [({"model_dim": 66}, "model_dim"), ({"mto_w_e": 1.0}, "mto_w_e"),
+                                                 ({"mto_scale": True}, "mto_scale"),
                                                  ({"objective": "beit", "decoder_depth": 1}, "decoder_depth"),
                                                  ({"min_lr": 1.0}, "min_lr"), ({"accum_steps": 0}, "accum_steps")])
 def test_config_errors_name_the_field(override: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=f"'{field}'"):
         load_train_config(None, {"data": "d", "out": "o", **override})
+
+
+def test_mto_scale_reaches_the_losses() -> None:
+    cfg = load_train_config(None, {"data": "d", "out": "o", "mto": True, "mto_scale": True})
+    assert cfg.mto_config().scale and not load_train_config(None, {"data": "d", "out": "o", "mto": True}
+                                                             ).mto_config().scale

@@ -35,6 +35,8 @@ class TrainConfig(BaseModel):
     mto_w_e: float | None = Field(None, ge=0, validate_default=True)
     mto_w_r: float | None = Field(None, ge=0, validate_default=True)
     mto_eps: float | None = Field(None, gt=0, validate_default=True)
+    mto_scale: bool | None = Field(None, validate_default=True,
+                                   description="divide MTO's dot products by sqrt(width); off = the paper's formula")
     model: Literal["tiny", "small", "base"] = "tiny"
     model_dim: int | None = Field(None, ge=4, description="encoder width override")
     model_depth: int | None = Field(None, ge=1, description="encoder blocks override")
@@ -67,9 +69,9 @@ class TrainConfig(BaseModel):
     sample_log: bool = Field(False, description="audit: each rank appends the sample ids it trained on to "
                                                 "samples.rank<R>.jsonl")
 
-    @field_validator("mto_w_spa", "mto_w_e", "mto_w_r", "mto_eps")
+    @field_validator("mto_w_spa", "mto_w_e", "mto_w_r", "mto_eps", "mto_scale")
     @classmethod
-    def _mto_only(cls, v: float | None, info: ValidationInfo) -> float | None:
+    def _mto_only(cls, v: float | bool | None, info: ValidationInfo) -> float | bool | None:
         if v is not None and not info.data.get("mto"):
             raise ValueError("only used with mto")
         return v
@@ -106,7 +108,8 @@ class TrainConfig(BaseModel):
     def mto_config(self) -> MTOConfig | None:
         if not self.mto:
             return None
-        given = {"w_spa": self.mto_w_spa, "w_e": self.mto_w_e, "w_r": self.mto_w_r, "eps": self.mto_eps}
+        given = {"w_spa": self.mto_w_spa, "w_e": self.mto_w_e, "w_r": self.mto_w_r, "eps": self.mto_eps,
+                 "scale": self.mto_scale}
         return MTOConfig(**{k: v for k, v in given.items() if v is not None})
 
 
