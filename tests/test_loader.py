@@ -126,6 +126,23 @@ def test_order_is_a_pure_function_of_seed_epoch_and_world(dataset: Path) -> None
     assert indices(list(TokenLoader(ds, num_workers=2))) == serial == indices(list(ds.batches(0)))
 
 
+def test_workers_stream_across_epochs_in_order(dataset: Path) -> None:
+    # 7 batches per epoch over 2 workers: the round-robin must carry over the epoch boundary, and the
+    # workers must not restart between epochs (they prefetch into the next one).
+    ds = TokenDataset(dataset, batch_size=4, seed=5, rank=0, world_size=1, drop_last=False, shuffle_window=6)
+    loader = TokenLoader(ds, num_workers=2)
+    got = [indices(list(loader)) for _ in range(3)]
+    stream = loader._stream
+    assert got == [indices(list(ds.batches(epoch))) for epoch in range(3)]
+    partial = []
+    for batch in loader:  # stop mid-epoch, then continue: same stream, the position kept
+        partial.append(batch)
+        if len(partial) == 3:
+            break
+    rest = list(loader)
+    assert loader._stream is stream and indices(partial + rest) == indices(list(ds.batches(3)))
+
+
 def test_resume_mid_epoch_yields_exactly_the_remaining_samples(dataset: Path) -> None:
     def make() -> TokenLoader:
         ds = TokenDataset(dataset, batch_size=4, rank=1, world_size=2, drop_last=False, shuffle_window=6,

@@ -348,18 +348,31 @@ class TokenDataset(IterableDataset):
                    "index": torch.from_numpy(seq[b0:b0 + self.batch_size].copy()),
                    "flip": torch.tensor(flips, dtype=torch.bool)}
 
+    def stream(self, epoch: int, start: int = 0, worker: int = 0, workers: int = 1) -> Iterator[dict]:
+        """This rank's batches from ``epoch`` / sample ``start`` on, epoch after epoch, without end.
+
+        Batches are numbered continuously across epochs and ``worker`` takes every ``workers``-th, so a
+        DataLoader's round-robin over its workers yields them in order across epoch boundaries.
+        """
+        skip = worker
+        while True:
+            yield from self.batches(epoch, start, skip, workers)
+            skip = (skip - math.ceil((self.samples_per_rank - start) / self.batch_size)) % workers
+            epoch, start = epoch + 1, 0
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.batches(self.epoch, self.start, worker, workers)
+        return self.stream(self.epoch, self.start, worker, workers)
 
 
 class TokenLoader:
     """Iterates a :class:`TokenDataset` through a DataLoader and tracks (epoch, samples consumed) for resume.
 
     Each ``iter()`` yields the rest of the current epoch from the current position and advances to the next
-    epoch once the last batch is handed out; stopping early keeps the position. Workers are started per
-    ``iter()`` (never persistent) because they take epoch and position from the dataset when they start.
+    epoch once the last batch is handed out; stopping early keeps the position. The workers stream batches
+    across epoch boundaries (:meth:`TokenDataset.stream`), so they start once, not per epoch, and prefetch
+    into the next epoch; they are restarted only when the position changes otherwise (``load_state_dict``).
     """
 
     def __init__(self, dataset: TokenDataset, *, num_workers: int = 0, pin_memory: bool = False,
@@ -368,6 +381,8 @@ class TokenLoader:
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.prefetch_factor, self.multiprocessing_context = prefetch_factor, multiprocessing_context
         self.epoch, self.samples = 0, 0
+        self._stream: Iterator[dict] | None = None
+        self._stream_at: tuple[int, int] | None = None  # (epoch, samples) of the stream's next batch
 
     def __len__(self) -> int:
         """Batches the next ``iter()`` yields."""
@@ -375,15 +390,21 @@ class TokenLoader:
 
     def __iter__(self) -> Iterator[dict]:
         ds = self.dataset
-        ds.epoch, ds.start = self.epoch, self.samples
-        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor, persistent_workers=False,
-                            multiprocessing_context=self.multiprocessing_context if self.num_workers else None)
-        for batch in loader:
+        if self._stream is None or self._stream_at != (self.epoch, self.samples):
+            self._stream = None  # shuts down the old workers
+            ds.epoch, ds.start = self.epoch, self.samples
+            self._stream = iter(DataLoader(
+                ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch_factor,
+                multiprocessing_context=self.multiprocessing_context if self.num_workers else None))
+        epoch = self.epoch
+        while self.epoch == epoch:
+            batch = next(self._stream)
             self.samples += len(batch["key"])
             if self.samples >= ds.samples_per_rank:
                 # Advance before handing out the last batch, so a checkpoint taken after it resumes next epoch.
                 self.epoch, self.samples = self.epoch + 1, 0
+            self._stream_at = (self.epoch, self.samples)
             yield batch
 
     def state_dict(self) -> dict[str, int]:
