@@ -138,7 +138,7 @@ class PartitionWorker:
         return self.part.rows(local_idx)
 
     def start_epoch(self, order: np.ndarray) -> None:
-        self.part.start_epoch(torch.from_numpy(order))
+        self.part.start_epoch(torch.from_numpy(np.array(order)))  # Ray hands arrays over read-only
 
     def step(self, centroids: torch.Tensor, start: int, stop: int, candidates: int) -> StepStats:
         return self.part.step(centroids, start, stop, candidates)
