@@ -152,6 +152,7 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_samples(dataset: Path) ->
     straight = make()
     reference = list(straight) + list(straight)  # two epochs of 4 batches
     assert len(reference) == 8
+    assert all(b["image"].dtype == torch.float32 for b in reference)  # colour jitter keeps float32
 
     first = make()
     head = []

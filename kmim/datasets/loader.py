@@ -36,7 +36,6 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kmim.datasets.augment import Augment
 from kmim.datasets.manifest import FORMAT, MANIFEST
 from kmim.datasets.preprocess import IMAGE_EXTS, Preprocess, SkipImage, decode_view
 from kmim.datasets.shard_store import LoaderError, ShardStore, default_cache_dir
@@ -57,36 +57,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # A plain file name inside the dataset directory: no separators, no scheme, not hidden, no "..".
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.tar$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")  # also the remote cache's file name, so it must be exactly this
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _TOKEN_DTYPES = ("uint16", "int32")
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Per-sample augmentation, drawn from ``np.random.default_rng([seed, epoch, slot])`` so it resumes exactly.
-
-    ``brightness`` / ``contrast``: factors drawn uniformly from ``[1 - x, 1 + x]`` (0 = off), applied in that
-    order to pixels in [0, 1] (contrast blends towards the image's mean luminance), then clipped to [0, 1].
-    Colour jitter leaves the geometry alone, so the token grid still indexes the same patches.
-
-    ``hflip`` (geometric, opt-in): with probability 0.5 mirror the image left-right *and* the token grid's
-    columns. Positions stay exact (the view is a center crop whose width is a multiple of the patch size),
-    but each patch keeps the token of its unmirrored content: a tokenizer run on the mirrored image could
-    assign other tokens. Batches carry ``flip`` so the geometry travels with the tokens.
-    """
-
-    hflip: bool = False
-    brightness: float = 0.0
-    contrast: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("brightness", "contrast"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"Augment.{name} must be in [0, 1), got {getattr(self, name)}")
-
-    @property
-    def active(self) -> bool:
-        return self.hflip or self.brightness > 0 or self.contrast > 0
 
 
 def _is_count(x: object) -> bool:
@@ -292,18 +263,7 @@ class TokenDataset(IterableDataset):
         pixels = view.pixels.astype(np.float32) / 255.0
         flip = False
         if rng is not None:
-            aug = self.augment
-            # Draw every variate whether or not it is used, so one option never shifts another's stream.
-            u, f = rng.uniform(-1.0, 1.0, 2), rng.random()
-            if aug.brightness:
-                pixels *= 1.0 + aug.brightness * u[0]
-            if aug.contrast:
-                gray = (pixels @ _LUMA).mean()
-                pixels = (pixels - gray) * (1.0 + aug.contrast * u[1]) + gray
-            pixels = np.clip(pixels, 0.0, 1.0)
-            flip = aug.hflip and f < 0.5
-            if flip:
-                pixels, tokens = pixels[:, ::-1], tokens[:, ::-1]
+            pixels, tokens, flip = self.augment.apply(pixels, tokens, rng)
         image = ((pixels - self.mean) / self.std).transpose(2, 0, 1)
         label = meta.get("label")
         return image, tokens.astype(np.int64), -1 if label is None else int(label), key, flip
