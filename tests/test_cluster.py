@@ -175,34 +175,24 @@ def test_job_over_two_nodes_gives_the_local_manifest(data: Path, tmp_path: Path,
     assert read_manifest(tmp_path / "out") == read_manifest(local["dino"])
 
 
-def test_killed_task_worker_is_retried_and_every_input_lands_once(data: Path, tmp_path: Path, driver: str,
-                                                                  local: dict[str, Path],
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    """The worker process running a pixel shard task is SIGKILLed mid-job; the task runs again elsewhere."""
+@pytest.mark.parametrize(("extractor", "victim", "logged"), [
+    # The worker process running a pixel shard task is SIGKILLed mid-job; the task runs again elsewhere.
+    ("pixel", "ray::tokenize_shard", ("WorkerCrashedError", "retrying (attempt 2 of 3)")),
+    # A GPU actor is SIGKILLed while it tokenizes: a new one takes its items.
+    ("dino", "ray::_StageActor.run", ("starting a replacement",)),
+], ids=["task-worker", "gpu-actor"])
+def test_killed_worker_and_every_input_lands_once(data: Path, tmp_path: Path, driver: str, local: dict[str, Path],
+                                                  caplog: pytest.LogCaptureFixture, extractor: str, victim: str,
+                                                  logged: tuple[str, ...]) -> None:
+    """A process doing shard work is killed mid-job; the job finishes with the same dataset as the local run."""
     out = tmp_path / "out"
-    with_codebook_of(local["pixel"], out)
+    with_codebook_of(local[extractor], out)
     with caplog.at_level(logging.WARNING, logger="kmim"):
-        summary = killed_mid_job(settings(data, out, "pixel", runner="ray", ray_address=driver),
-                                 "ray::tokenize_shard")
-    assert "WorkerCrashedError" in caplog.text and "retrying (attempt 2 of 3)" in caplog.text
+        summary = killed_mid_job(settings(data, out, extractor, runner="ray", ray_address=driver), victim)
+    assert all(text in caplog.text for text in logged)
     assert summary["shards_written"] == 4
     assert_each_input_once(out, inputs_of(data))
-    assert read_manifest(out) == read_manifest(local["pixel"])
-
-
-def test_killed_gpu_actor_is_replaced_and_every_input_lands_once(data: Path, tmp_path: Path, driver: str,
-                                                                 local: dict[str, Path],
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    """A GPU actor is SIGKILLed while it tokenizes: a new one takes its items; the same dataset is committed."""
-    out = tmp_path / "out"
-    with_codebook_of(local["dino"], out)
-    with caplog.at_level(logging.WARNING, logger="kmim"):
-        summary = killed_mid_job(settings(data, out, "dino", runner="ray", ray_address=driver),
-                                 "ray::_StageActor.run")
-    assert "starting a replacement" in caplog.text
-    assert summary["shards_written"] == 4
-    assert_each_input_once(out, inputs_of(data))
-    assert read_manifest(out) == read_manifest(local["dino"])
+    assert read_manifest(out) == read_manifest(local[extractor])
 
 
 def test_failing_shards_are_reported_with_reason_and_attempts(tmp_path: Path, driver: str) -> None:

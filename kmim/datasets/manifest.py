@@ -113,14 +113,8 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 
 def write_manifest(out: str | Path, manifest: dict, fs: AbstractFileSystem | None = None) -> None:
-    """Commit the dataset: store ``manifest.json`` all-or-nothing (checked when remote)."""
-    if fs is None or isinstance(fs, LocalFileSystem):
-        final = Path(out) / MANIFEST
-        tmp = tmp_path(final)
-        tmp.write_bytes(manifest_bytes(manifest))
-        os.replace(tmp, final)
-    else:
-        put_bytes(fs, join(str(out), MANIFEST), manifest_bytes(manifest))
+    """Commit the dataset: store ``manifest.json`` all-or-nothing and checked."""
+    put_bytes(fs or LocalFileSystem(), join(str(out), MANIFEST), manifest_bytes(manifest))
 
 
 def read_manifest(root: str | Path, fs: AbstractFileSystem | None = None) -> dict:

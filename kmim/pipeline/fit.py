@@ -11,8 +11,6 @@ float64 rounding of the sums.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ from tqdm import tqdm
 from kmim.datasets.shards import tmp_path
 from kmim.pipeline.runners import ensure_ray, map_shards
 from kmim.pipeline.sources import InputShard
-from kmim.pipeline.stages import preprocess_of, sample_fit_features
+from kmim.pipeline.stages import json_digest, preprocess_of, sample_fit_features
 from kmim.tokenizers.extractors import build_extractor
 from kmim.tokenizers.kmeans import (
     KMeansResult,
@@ -61,8 +59,7 @@ class FitSample:
 def _cache_file(shard: InputShard, cfg, sample: FitSample) -> Path:
     key = [build_extractor(cfg).metadata(), preprocess_of(cfg).describe(), cfg.seed, sample.images, sample.patches,
            repr(shard)]
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return Path(sample.cache) / f"features-{digest}.npy"
+    return Path(sample.cache) / f"features-{json_digest(key)}.npy"
 
 
 def shard_features(shard: InputShard, cfg, sample: FitSample) -> np.ndarray:
@@ -129,8 +126,6 @@ class PartitionWorker:
         parts = [_kept(p, k) for p, k in zip(self.parts, keep, strict=True)]
         self.parts = []
         x = torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
-        if self.metric == "ip":
-            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.part = Partition(x, offset, metric=self.metric, method=self.method, device=self.device)
         return [part_digest(p) for p in parts], x.shape[1]
 

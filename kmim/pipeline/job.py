@@ -12,7 +12,6 @@ checked before it counts, and the manifest goes up last, once every shard landed
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from kmim.datasets.manifest import (
 from kmim.pipeline.fit import FitError, FitSample, fit_sample_kmeans
 from kmim.pipeline.runners import map_shards
 from kmim.pipeline.sources import InputShard, plan_inputs
-from kmim.pipeline.stages import preprocess_of, token_dtype, tokenize_shard
+from kmim.pipeline.stages import json_digest, preprocess_of, token_dtype, tokenize_shard
 from kmim.storage import get_file, is_local, join, list_sizes, open_url, put_bytes, put_verified, redact, staging_dir
 from kmim.tokenizers.codebook import Codebook, load_codebook, save_codebook
 from kmim.tokenizers.extractors import build_extractor
@@ -53,13 +52,9 @@ class JobError(RuntimeError):
     """The job ran but did not commit a dataset (some shards failed)."""
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
-
-
 def _check_job_file(fs: AbstractFileSystem, root: str, cfg: JobConfig, shards: list[InputShard]) -> None:
     """Record the job's material settings; refuse to resume a directory written with other settings."""
-    job = {"settings": cfg.model_dump(exclude=_NOT_MATERIAL), "inputs": _digest([repr(s) for s in shards])}
+    job = {"settings": cfg.model_dump(exclude=_NOT_MATERIAL), "inputs": json_digest([repr(s) for s in shards])}
     out = redact(cfg.out)
     try:
         old = json.loads(fs.cat_file(join(root, JOB_FILE)))
@@ -162,7 +157,7 @@ def run_job(cfg: JobConfig) -> dict:
             failures.append(f"{shard.describe()}: {error}")  # error says what, why, after how many attempts
         else:
             for phase, seconds in stats["timing"].items():
-                timing[phase] = timing.get(phase, 0.0) + seconds
+                timing[phase] = timing.get(phase, 0.0) + seconds  # a remote output adds "upload"
     if failures:
         raise JobError(f"{len(failures)} of {len(shards)} shards failed; no manifest written "
                        "(rerun to retry them):\n  " + "\n  ".join(failures))

@@ -30,6 +30,11 @@ from kmim.tokenizers.codebook import Codebook, load_codebook
 from kmim.tokenizers.extractors import build_extractor
 
 
+def json_digest(obj) -> str:
+    """24-hex-digit sha256 of ``obj`` as canonical JSON: a stable name for a set of settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def sample_key(source: str) -> str:
     """Stable 16-hex-digit key of an input; sources are unique within a dataset, hence keys too."""
     return hashlib.sha1(source.encode()).hexdigest()[:16]

@@ -223,11 +223,14 @@ class FitData(Protocol):
 
 
 class Partition:
-    """The points with global indices [offset, offset + len(x)): float32 [n, D], on the CPU."""
+    """The points with global indices [offset, offset + len(x)): float32 [n, D], on the CPU; unit-normalized
+    here for ``metric="ip"`` (spherical k-means)."""
 
     def __init__(self, x: torch.Tensor, offset: int, *, metric: str, method: str,
                  device: str | torch.device = "cpu") -> None:
-        self.x, self.offset, self.metric, self.method, self.device = x, offset, metric, method, device
+        x = x.float().contiguous()
+        self.x = _unit(x) if metric == "ip" else x
+        self.offset, self.metric, self.method, self.device = offset, metric, method, device
         self._pos = self._rows = torch.zeros(0, dtype=torch.int64)
 
     def rows(self, local_idx: torch.Tensor) -> torch.Tensor:
@@ -260,8 +263,7 @@ class LocalData:
     """All points in this process: one :class:`Partition`."""
 
     def __init__(self, x: torch.Tensor, *, metric: str, method: str) -> None:
-        x = x.float().contiguous()
-        self.part = Partition(_unit(x) if metric == "ip" else x, 0, metric=metric, method=method)
+        self.part = Partition(x, 0, metric=metric, method=method)
         self.n, self.dim = x.shape
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
