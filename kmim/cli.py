@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kmim.config import ConfigError, load_config
+from kmim.storage import redact_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a tokenizer or a trained model.")
@@ -36,10 +40,32 @@ def _storage_options(items: list[str] | None) -> dict[str, str | bool] | None:
 
 
 def _report_table(report: dict, title: str) -> Table:
-    table = Table(title=title, show_header=False)
+    table = Table(title=escape(title), show_header=False)
     for key, value in report.items():
-        table.add_row(key, "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
+        text = "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        table.add_row(escape(key), escape(redact_text(text)))
     return table
+
+
+def _say(label: str, message: object, sep: str = ": ") -> None:
+    """Print ``label: message`` to stderr: URLs redacted, text never taken as rich markup (paths may hold [...])."""
+    console.print(f"[red]{label}[/red]", escape(redact_text(str(message))), sep=sep)
+
+
+@contextmanager
+def _reported(*errors: type[BaseException]) -> Iterator[None]:
+    """Turn ``errors`` and any storage-service error (unreachable endpoint, no credentials) into one redacted
+    ``error: ...`` line and exit status 1, instead of a traceback."""
+    from kmim.storage import SERVICE_ERRORS
+
+    try:
+        yield
+    except SERVICE_ERRORS as e:
+        _say("error", f"object store: {type(e).__name__}: {e}")
+        raise typer.Exit(1) from None
+    except errors as e:
+        _say("error", e)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -99,22 +125,20 @@ def run(
     overrides = {name: value for name, value in locals().items() if name not in ("config", "storage_option")}
     overrides["storage_options"] = _storage_options(storage_option)
     from kmim.pipeline.job import JobError, run_job
-    from kmim.storage import UploadError, redact
+    from kmim.pipeline.lock import LockError
+    from kmim.storage import UploadError
 
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:
-        console.print(f"[red]config error[/red]\n{e}")
+        _say("config error", e, sep="\n")
         raise typer.Exit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    console.print(f"kmim run: input={cfg.input or 'built-in digits sample'} out={redact(cfg.out)} "
-                  f"extractor={cfg.extractor} "
-                  f"K={cfg.k} image={cfg.image_size} patch={cfg.patch_size} runner={cfg.runner}")
-    try:
+    console.print(escape(redact_text(f"kmim run: input={cfg.input or 'built-in digits sample'} out={cfg.out} "
+                                     f"extractor={cfg.extractor} K={cfg.k} image={cfg.image_size} "
+                                     f"patch={cfg.patch_size} runner={cfg.runner}")))
+    with _reported(ConfigError, JobError, LockError, UploadError, ValueError, OSError):
         summary = run_job(cfg)
-    except (ConfigError, JobError, UploadError, ValueError, OSError) as e:
-        console.print(f"[red]error[/red]: {e}")
-        raise typer.Exit(1) from None
     report = summary.pop("report")
     summary["skipped"] = summary["skipped"] or "none"
     timing = summary.pop("timing")
@@ -128,15 +152,15 @@ def verify(root: str = typer.Argument(..., help="dataset directory or URL (s3://
            storage_option: list[str] | None = typer.Option(None, "--storage-option", help=_STORAGE_HELP)) -> None:
     """Re-read every shard: sha256, sample counts, token dtype/shape/range, index consistency. Exit 0 iff intact."""
     from kmim.datasets.verify import verify_dataset
-    from kmim.storage import redact
 
-    problems = verify_dataset(root, storage_options=_storage_options(storage_option))
+    with _reported(OSError, ValueError):
+        problems = verify_dataset(root, storage_options=_storage_options(storage_option))
     for p in problems:
-        console.print(f"[red]FAIL[/red] {p}")
+        console.print("[red]FAIL[/red]", escape(redact_text(p)))
     if problems:
-        console.print(f"{redact(root)}: {len(problems)} problem(s)")
+        console.print(escape(f"{redact_text(root)}: {len(problems)} problem(s)"))
         raise typer.Exit(1)
-    console.print(f"{redact(root)}: OK")
+    console.print(escape(f"{redact_text(root)}: OK"))
 
 
 @app.command()
@@ -151,25 +175,23 @@ def publish(src: Path = typer.Argument(..., help="committed local dataset direct
     from kmim.storage import UploadError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with _reported(PublishError, UploadError, OSError):
         summary = publish_dataset(src, url, _storage_options(storage_option), workers=workers)
-    except (PublishError, UploadError, OSError) as e:
-        console.print(f"[red]error[/red]: {e}")
-        raise typer.Exit(1) from None
     console.print(_report_table(summary, "publish summary"))
 
 
 @eval_app.command("tokenizer")
-def eval_tokenizer(root: Path = typer.Argument(..., help="dataset directory"),
-                   as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+def eval_tokenizer(root: str = typer.Argument(..., help="dataset directory or URL (any fsspec URL)"),
+                   as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+                   storage_option: list[str] | None = typer.Option(None, "--storage-option",
+                                                                   help=_STORAGE_HELP)) -> None:
     """TCAS (null without labels), codebook utilization, token perplexity, K, samples."""
+    from kmim.storage import open_url
     from kmim.tokenizers.metrics import dataset_report
 
-    try:
-        report = dataset_report(root)
-    except (OSError, ValueError) as e:
-        console.print(f"[red]error[/red]: {e}")
-        raise typer.Exit(1) from None
+    with _reported(OSError, ValueError):
+        fs, path = open_url(root, _storage_options(storage_option))
+        report = dataset_report(path, fs)
     if as_json:
         print(json.dumps(report))
     else:
@@ -230,15 +252,12 @@ def train_command(
     try:
         cfg = load_train_config(config, overrides)
     except ConfigError as e:
-        console.print(f"[red]config error[/red]\n{e}")
+        _say("config error", e, sep="\n")
         raise typer.Exit(2) from None
     main = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
-    try:
+    with _reported(TrainError, ValueError, OSError):
         summary = train(cfg)
-    except (TrainError, ValueError, OSError) as e:
-        console.print(f"[red]error[/red]: {e}")
-        raise typer.Exit(1) from None
     if main:
         console.print(_report_table(summary, "training summary"))
 
@@ -262,12 +281,9 @@ def eval_linprobe(
     from kmim.trainer.engine import TrainError
     from kmim.trainer.linprobe import ProbeConfig, linear_probe
 
-    try:
+    with _reported(TrainError, ValueError, OSError):
         cfg = ProbeConfig(train_fraction, split_seed, epochs, batch_size, lr, knn_k, knn_temperature)
         report = linear_probe(checkpoint, data, cfg, device=device, workers=workers)
-    except (TrainError, ValueError, OSError) as e:
-        console.print(f"[red]error[/red]: {e}")
-        raise typer.Exit(1) from None
     if as_json:
         print(json.dumps(report))
     else:

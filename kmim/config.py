@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from kmim.storage import redact_text
+
 LEARNED = ("dino", "clip")
 _EXAMPLES = {"dino": "a timm model name, e.g. vit_small_patch16_224.dino",
              "clip": "an open_clip model name, e.g. ViT-B-16 or RN50x64"}
@@ -180,7 +182,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
             continue
         field = ".".join(str(p) for p in e["loc"])
-        value = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        # Storage options may be credentials whatever their type; other values are shown with URLs redacted.
+        secret = e["loc"][0] == "storage_options" or isinstance(e.get("input"), dict)
+        value = f" (got {redact_text(repr(e['input']))})" if "input" in e and not secret else ""
         lines.append(f"{source}: field '{field}': {e['msg']}{value}")
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ message here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -35,12 +36,19 @@ BACKOFF_S = 0.5  # the wait before retry i is BACKOFF_S * 2**i seconds
 _THROTTLED = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
                         "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable"})
 _PERMANENT = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+# Full disks, read-only filesystems and exhausted quotas do not heal by retrying.
+_PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOENT,
+                               errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG})
 try:  # botocore's connection errors (EndpointConnectionError, ReadTimeoutError...) are not OSErrors
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ConnectionError as _BotoConnectionError
     from botocore.exceptions import HTTPClientError as _BotoHTTPError
 
-    _TRANSIENT: tuple[type[BaseException], ...] = (OSError, _BotoHTTPError)
+    _TRANSIENT: tuple[type[BaseException], ...] = (OSError, _BotoHTTPError, _BotoConnectionError)
+    SERVICE_ERRORS: tuple[type[BaseException], ...] = (BotoCoreError,)
 except ImportError:
     _TRANSIENT = (OSError,)
+    SERVICE_ERRORS = ()
 
 
 class UploadError(RuntimeError):
@@ -74,9 +82,48 @@ def join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
+# Query parameters that carry credentials: presigned S3 / GCS URLs, Azure SAS, CloudFront, OAuth, API keys.
+_SECRET_PARAM = re.compile(r"(sig|signature|token|credential|secret|password|passwd|pwd|key|auth|policy|session)",
+                           re.IGNORECASE)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def _redact_query(query: str) -> str:
+    parts = []
+    for part in query.split("&"):
+        name, eq, _ = part.partition("=")
+        parts.append(f"{name}=***" if eq and _SECRET_PARAM.search(name) else part)
+    return "&".join(parts)
+
+
 def redact(url: str) -> str:
-    """``url`` without any ``user:password@`` part, for messages."""
-    return re.sub(r"(://)[^/@]*@", r"\1***@", url)
+    """``url`` for a message or a record: any ``user:password@`` part and the values of query parameters that
+    look like credentials (signatures, tokens, keys: presigned URLs) become ``***``."""
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1***@", url)
+    head, q, query = url.partition("?")
+    if not q:
+        return url
+    query, h, fragment = query.partition("#")
+    return f"{head}?{_redact_query(query)}{h}{fragment}"
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it redacted (see :func:`redact`): for error messages that quote URLs."""
+    return _URL.sub(lambda m: redact(m.group(0)), text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts URLs in each record's message before any handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+log.addFilter(RedactingFilter())
 
 
 def url_of(fs: AbstractFileSystem, path: str) -> str:
@@ -114,13 +161,14 @@ def sha256_remote(fs: AbstractFileSystem, path: str) -> tuple[str, int]:
 
 def is_transient(error: BaseException) -> bool:
     """Whether a retry may succeed: yes for connection and server-side errors (5xx, throttling) and mismatched
-    uploads; no for permission, missing-file and other client (4xx) errors."""
+    uploads; no for permission, missing-file, full-disk, read-only and other client (4xx) errors."""
     for e in (error, error.__cause__):  # s3fs raises OSErrors caused by botocore's ClientError
         response = getattr(e, "response", None)
         if isinstance(response, dict) and "Error" in response:
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             return status >= 500 or status == 429 or response["Error"].get("Code") in _THROTTLED
-    return isinstance(error, _TRANSIENT) and not isinstance(error, _PERMANENT)
+    return (isinstance(error, _TRANSIENT) and not isinstance(error, _PERMANENT)
+            and getattr(error, "errno", None) not in _PERMANENT_ERRNOS)
 
 
 def _put_once(local: Path, fs: AbstractFileSystem, path: str, sha256: str, size: int) -> None:

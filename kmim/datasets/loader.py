@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kmim.datasets.augment import Augment
-from kmim.datasets.manifest import FORMAT, MANIFEST
+from kmim.datasets.manifest import MANIFEST, ManifestError, check_manifest, token_problem
 from kmim.datasets.preprocess import IMAGE_EXTS, Preprocess, SkipImage, decode_view
 from kmim.datasets.shard_store import LoaderError, ShardStore, default_cache_dir
 from kmim.datasets.shards import decode_npy, iter_tar, sample_meta
@@ -54,14 +53,6 @@ log = logging.getLogger("kmim")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# A plain file name inside the dataset directory: no separators, no scheme, not hidden, no "..".
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.tar$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")  # also the remote cache's file name, so it must be exactly this
-_TOKEN_DTYPES = ("uint16", "int32")
-
-
-def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _preprocess(manifest: dict, where: str) -> Preprocess:
@@ -81,9 +72,10 @@ def open_manifest(root: str | os.PathLike, *, expect_tokenizer_id: str | None = 
                   storage_options: dict | None = None) -> dict:
     """Read and check ``<root>/manifest.json`` (a local path or any fsspec URL); return it.
 
-    Raises :class:`LoaderError` when the manifest is missing or malformed, lists a shard path that is not a
-    plain ``*.tar`` name inside the dataset directory (or lists one twice), its counts disagree, its token
-    grid is not 2-D [h, w] matching the preprocessing, or its ``tokenizer_id`` is not ``expect_tokenizer_id``.
+    Raises :class:`LoaderError` when the manifest is missing or breaks the contract
+    (:func:`~kmim.datasets.manifest.check_manifest`: e.g. a shard path that is not a plain ``*.tar`` name inside
+    the dataset directory), its token grid is not 2-D [h, w] matching the preprocessing, or its ``tokenizer_id``
+    is not ``expect_tokenizer_id``.
     """
     url = join(os.fspath(root), MANIFEST)
     try:
@@ -93,32 +85,18 @@ def open_manifest(root: str | os.PathLike, *, expect_tokenizer_id: str | None = 
         raise LoaderError(f"{url}: no manifest (the dataset is missing or was never committed)") from None
     except ValueError as e:
         raise LoaderError(f"{url}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else manifest
-        raise LoaderError(f"{url}: format {got!r} is not {FORMAT!r}")
+    try:
+        check_manifest(manifest, url)
+    except ManifestError as e:
+        raise LoaderError(str(e)) from None
     if expect_tokenizer_id is not None and manifest.get("tokenizer_id") != expect_tokenizer_id:
         raise LoaderError(f"{url}: tokenizer_id {manifest.get('tokenizer_id')!r} is not the expected "
                           f"{expect_tokenizer_id!r} (tokens from another codebook)")
-    entries = manifest.get("shards")
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise LoaderError(f"{url}: 'shards' is not a list of shard entries")
-    for e in entries:
-        if not isinstance(e.get("path"), str) or not _SHARD_NAME.match(e["path"]):
-            raise LoaderError(f"{url}: shard path {e.get('path')!r} is not a plain .tar name inside the dataset")
-        if not (_is_count(e.get("samples")) and _is_count(e.get("bytes"))
-                and isinstance(e.get("sha256"), str) and _SHA256.match(e["sha256"])):
-            raise LoaderError(f"{url}: shard {e['path']}: 'samples', 'bytes' or 'sha256' missing or invalid")
-    if len({e["path"] for e in entries}) != len(entries):
-        raise LoaderError(f"{url}: a shard is listed twice")
-    if sum(e["samples"] for e in entries) != manifest.get("samples"):
-        raise LoaderError(f"{url}: shard sample counts do not add up to 'samples'")
     pre = _preprocess(manifest, url)
-    grid = manifest.get("token_grid") or {}
+    grid = manifest["token_grid"]
     p = grid.get("patch_size")
-    if not (_is_count(p) and p > 0 and pre.image_size % p == 0 and grid.get("shape") == [pre.image_size // p] * 2):
+    if not (isinstance(p, int) and p > 0 and pre.image_size % p == 0 and grid["shape"] == [pre.image_size // p] * 2):
         raise LoaderError(f"{url}: token grid {grid} does not tile the {pre.image_size}px view as [h, w]")
-    if grid.get("dtype") not in _TOKEN_DTYPES or not _is_count((manifest.get("codebook") or {}).get("k")):
-        raise LoaderError(f"{url}: token dtype {grid.get('dtype')!r} or codebook 'k' invalid")
     return manifest
 
 
@@ -255,11 +233,8 @@ class TokenDataset(IterableDataset):
             raise LoaderError(f"{where}: decoded view {view.geometry} is not the one the tokens were computed on "
                               f"({meta.get('view')})")
         tokens = decode_npy(sample["tokens.npy"], (self._dtype.str, self._grid))
-        if tokens.dtype != self._dtype or tokens.shape != self._grid:
-            raise LoaderError(f"{where}: tokens {tokens.dtype}{list(tokens.shape)}, manifest says "
-                              f"{self._dtype}{list(self._grid)}")
-        if tokens.size and int(tokens.max()) >= self._k:
-            raise LoaderError(f"{where}: token {int(tokens.max())} out of range for K={self._k}")
+        if (problem := token_problem(tokens, self._dtype.name, list(self._grid), self._k)) is not None:
+            raise LoaderError(f"{where}: {problem}")
         pixels = view.pixels.astype(np.float32) / 255.0
         flip = False
         if rng is not None:

@@ -20,9 +20,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
@@ -37,6 +39,14 @@ MANIFEST = "manifest.json"
 CODEBOOK = "codebook.safetensors"
 JOB_FILE = "job.json"
 _META_KEY = b"kmim.shard"
+TOKEN_DTYPES = ("uint16", "int32")
+# A plain file name directly inside the dataset directory: no separator, scheme, drive or leading dot.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ManifestError(ValueError):
+    """A manifest, shard index or codebook that breaks the dataset contract; the message names file and field."""
 
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -68,11 +78,99 @@ def write_index(final: Path, rows: list[dict], stats: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def dataset_file(value: object, suffix: str, where: str, field: str) -> str:
+    """``value`` if it is a plain ``*suffix`` file name directly inside the dataset directory, else ManifestError.
+
+    Every path read from a manifest goes through here before anything is opened: relative, one component,
+    no ``..``, not hidden, no URL or absolute path, and the expected suffix.
+    """
+    if not (isinstance(value, str) and _PLAIN_NAME.fullmatch(value) and value.endswith(suffix)
+            and ".." not in value and len(value) > len(suffix)):
+        raise ManifestError(f"{where}: field '{field}': {value!r} is not a plain {suffix} name inside the dataset "
+                            "directory (relative, no directories, no '..', no URL)")
+    return value
+
+
+def check_manifest(manifest: object, where: str) -> dict:
+    """Return ``manifest`` once its structure holds (format, file names, counts, digests, token grid, codebook);
+    raise :class:`ManifestError` naming the first bad field otherwise."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ManifestError(f"{where}: format {got!r} is not {FORMAT!r}")
+    entries = manifest.get("shards")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ManifestError(f"{where}: field 'shards' is not a list of shard entries")
+    for i, e in enumerate(entries):
+        field = f"shards[{i}]"
+        name = dataset_file(e.get("path"), ".tar", where, f"{field}.path")
+        if e.get("index") != index_name(name):
+            dataset_file(e.get("index"), ".index.parquet", where, f"{field}.index")
+            raise ManifestError(f"{where}: field '{field}.index': {e['index']!r} is not {index_name(name)!r}")
+        for count in ("samples", "bytes", "inputs"):
+            if not _is_count(e.get(count)):
+                raise ManifestError(f"{where}: field '{field}.{count}': {e.get(count)!r} is not a count")
+        if not (isinstance(e.get("sha256"), str) and _SHA256.fullmatch(e["sha256"])):
+            raise ManifestError(f"{where}: field '{field}.sha256': not a sha256 hex digest")
+    if len({e["path"] for e in entries}) != len(entries):
+        raise ManifestError(f"{where}: field 'shards': a shard is listed twice")
+    if sum(e["samples"] for e in entries) != manifest.get("samples"):
+        raise ManifestError(f"{where}: field 'samples': the shards' sample counts do not add up to it")
+    book = manifest.get("codebook")
+    if not isinstance(book, dict):
+        raise ManifestError(f"{where}: field 'codebook' is missing")
+    dataset_file(book.get("path"), ".safetensors", where, "codebook.path")
+    if not (_is_count(book.get("k")) and book["k"] >= 1):
+        raise ManifestError(f"{where}: field 'codebook.k': {book.get('k')!r} is not a positive count")
+    if not isinstance(manifest.get("tokenizer_id"), str):
+        raise ManifestError(f"{where}: field 'tokenizer_id' is missing")
+    grid = manifest.get("token_grid")
+    shape = grid.get("shape") if isinstance(grid, dict) else None
+    if not (isinstance(shape, list) and shape and all(_is_count(n) and n > 0 for n in shape)):
+        raise ManifestError(f"{where}: field 'token_grid.shape': {shape!r} is not a list of positive sizes")
+    if grid.get("dtype") not in TOKEN_DTYPES:
+        raise ManifestError(f"{where}: field 'token_grid.dtype': {grid.get('dtype')!r} is not one of {TOKEN_DTYPES}")
+    return manifest
+
+
+def token_problem(tokens: np.ndarray, dtype: str, shape: list[int], k: int) -> str | None:
+    """Why a stored token grid breaks the manifest (dtype, shape, ids in [0, k)), or None when it holds."""
+    if tokens.dtype != np.dtype(dtype) or list(tokens.shape) != list(shape):
+        return f"tokens {tokens.dtype}{list(tokens.shape)}, manifest says {dtype}{list(shape)}"
+    if tokens.size and (int(tokens.max()) >= k or int(tokens.min()) < 0):
+        bad = int(tokens.max()) if int(tokens.max()) >= k else int(tokens.min())
+        return f"token {bad} out of range [0, {k})"
+    return None
+
+
 def _stats_of(data: bytes, where: str) -> dict:
-    meta = pq.read_schema(pa.BufferReader(data)).metadata or {}
+    """The shard stats stored in an index's schema metadata, checked for the fields readers use."""
+    try:
+        meta = pq.read_schema(pa.BufferReader(data)).metadata or {}
+    except (pa.ArrowException, ValueError, OSError) as e:
+        raise ManifestError(f"{where}: not a Parquet shard index ({e})") from None
     if _META_KEY not in meta:
-        raise ValueError(f"{where}: not a kmim shard index (no {_META_KEY.decode()} metadata)")
-    return json.loads(meta[_META_KEY])
+        raise ManifestError(f"{where}: not a kmim shard index (no {_META_KEY.decode()} metadata)")
+    try:
+        stats = json.loads(meta[_META_KEY])
+    except ValueError as e:
+        raise ManifestError(f"{where}: shard stats are not valid JSON ({e})") from None
+    tc = stats.get("token_counts") if isinstance(stats, dict) else None
+    columns = [tc.get(c) for c in ("label", "token", "count")] if isinstance(tc, dict) else []
+    if not (len(columns) == 3 and all(isinstance(c, list) for c in columns)
+            and len({len(c) for c in columns}) == 1
+            and all(isinstance(v, int) and not isinstance(v, bool) for c in columns for v in c)
+            and all(t >= 0 for t in columns[1]) and all(n >= 0 for n in columns[2])):
+        raise ManifestError(f"{where}: field 'token_counts' is not three equal-length integer columns")
+    for count in ("samples", "inputs", "bytes"):
+        if not _is_count(stats.get(count)):
+            raise ManifestError(f"{where}: field '{count}': {stats.get(count)!r} is not a count")
+    if not isinstance(stats.get("skipped"), dict):
+        raise ManifestError(f"{where}: field 'skipped' is not a mapping")
+    return stats
 
 
 def read_index_stats(path: str | Path, fs: AbstractFileSystem | None = None) -> dict:
@@ -82,7 +180,30 @@ def read_index_stats(path: str | Path, fs: AbstractFileSystem | None = None) -> 
 
 def read_index(path: str | Path, fs: AbstractFileSystem | None = None) -> pa.Table:
     fs = fs or LocalFileSystem()
-    return pq.read_table(io.BytesIO(fs.cat_file(str(path))), schema=INDEX_SCHEMA)
+    try:
+        return pq.read_table(io.BytesIO(fs.cat_file(str(path))), schema=INDEX_SCHEMA)
+    except (pa.ArrowException, ValueError) as e:
+        raise ManifestError(f"{url_of(fs, str(path))}: not a kmim shard index ({e})") from None
+
+
+def index_stats(out: str | Path, shards: list[str],
+                fs: AbstractFileSystem | None = None) -> dict[str, dict | Exception]:
+    """``{shard name: its index stats, or the error reading them}`` of ``shards`` in ``out``; the indexes are read
+    with one ``fs.cat``, concurrent on remote filesystems."""
+    fs = fs or LocalFileSystem()
+    paths = {name: join(str(out), index_name(name)) for name in shards}
+    blobs = fs.cat(list(paths.values()), on_error="return") if paths else {}
+    by_path = {fs._strip_protocol(p): data for p, data in blobs.items()}
+    found: dict[str, dict | Exception] = {}
+    for name, path in paths.items():
+        data = by_path[fs._strip_protocol(path)]
+        if not isinstance(data, Exception):
+            try:
+                data = _stats_of(data, url_of(fs, path))
+            except ValueError as e:
+                data = e
+        found[name] = data
+    return found
 
 
 def build_manifest(out: str | Path, shards: list[str], *, dataset: dict, fs: AbstractFileSystem | None = None) -> dict:
@@ -93,12 +214,16 @@ def build_manifest(out: str | Path, shards: list[str], *, dataset: dict, fs: Abs
     the job ran, so an interrupted-and-resumed job commits the same manifest as an uninterrupted one.
     """
     fs = fs or LocalFileSystem()
-    paths = [join(str(out), index_name(name)) for name in shards]
-    blobs = fs.cat(paths) if paths else {}  # concurrent on remote filesystems
-    by_path = {fs._strip_protocol(p): data for p, data in blobs.items()}
+    found = index_stats(out, shards, fs)
     entries, skipped, samples, inputs = [], Counter(), 0, 0
-    for name, path in zip(shards, paths, strict=True):
-        stats = _stats_of(by_path[fs._strip_protocol(path)], url_of(fs, path))
+    for name in shards:
+        stats = found[name]
+        if isinstance(stats, Exception):
+            raise stats
+        if stats.get("tokenizer_id") != dataset["tokenizer_id"]:
+            raise ManifestError(f"{url_of(fs, join(str(out), index_name(name)))}: {name} was tokenized with "
+                                f"tokenizer_id {stats.get('tokenizer_id')!r}, not the dataset's "
+                                f"{dataset['tokenizer_id']!r}; refusing to commit it")
         entries.append({"path": name, "index": index_name(name), "samples": stats["samples"],
                         "bytes": stats["bytes"], "sha256": stats["sha256"], "inputs": stats["inputs"]})
         skipped.update(stats["skipped"])
@@ -118,7 +243,8 @@ def write_manifest(out: str | Path, manifest: dict, fs: AbstractFileSystem | Non
 
 
 def read_manifest(root: str | Path, fs: AbstractFileSystem | None = None) -> dict:
-    """Load ``manifest.json`` from a dataset directory, checking its format field."""
+    """Load ``manifest.json`` from a dataset directory; raises :class:`ManifestError` unless
+    :func:`check_manifest` passes, so no caller ever opens a path the manifest names without validation."""
     fs = fs or LocalFileSystem()
     path = join(str(root), MANIFEST)
     where = url_of(fs, path)
@@ -126,7 +252,8 @@ def read_manifest(root: str | Path, fs: AbstractFileSystem | None = None) -> dic
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: no manifest (the dataset is missing or was never committed)") from None
-    manifest = json.loads(data)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{where}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    return manifest
+    try:
+        manifest = json.loads(data)
+    except ValueError as e:
+        raise ManifestError(f"{where}: not valid JSON ({e})") from None
+    return check_manifest(manifest, where)

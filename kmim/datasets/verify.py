@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import IO
 import numpy as np
 from fsspec import AbstractFileSystem
 
-from kmim.datasets.manifest import CODEBOOK, read_index, read_index_stats, read_manifest
+from kmim.datasets.manifest import CODEBOOK, read_index, read_index_stats, read_manifest, token_problem
 from kmim.datasets.preprocess import IMAGE_EXTS
 from kmim.datasets.shards import HASH_CHUNK, decode_npy, iter_tar, sample_meta
 from kmim.storage import get_file, is_local, join, open_url
@@ -23,16 +25,17 @@ from kmim.tokenizers.codebook import load_codebook
 
 
 class _Hashing(io.RawIOBase):
-    """A read-only stream that hashes (sha256) and counts the bytes read through it."""
+    """A read-only stream that hashes (sha256) and counts the bytes read through it, up to ``limit`` bytes
+    (so a shard that is longer than the manifest says, or endless, is read only one byte past its size)."""
 
-    def __init__(self, f: IO[bytes]):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+    def __init__(self, f: IO[bytes], limit: int):
+        self.f, self.sha, self.size, self.limit = f, hashlib.sha256(), 0, limit
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf) -> int:
-        data = self.f.read(len(buf))
+        data = self.f.read(min(len(buf), self.limit - self.size))
         buf[:len(data)] = data
         self.sha.update(data)
         self.size += len(data)
@@ -47,12 +50,10 @@ class _Hashing(io.RawIOBase):
 
 def _check_shard(fs: AbstractFileSystem, root: str, entry: dict, manifest: dict, keys: set[str]) -> list[str]:
     name = entry["path"]
-    try:
-        f = fs.open(join(root, name), "rb")
-    except (FileNotFoundError, IsADirectoryError):
-        return [f"{name}: missing"]
-    with f:
-        stream = _Hashing(f)
+    if (problem := _not_a_file(fs, join(root, name))) is not None:
+        return [f"{name}: {problem}"]
+    with fs.open(join(root, name), "rb") as f:
+        stream = _Hashing(f, entry["bytes"] + 1)
         problems, tar_keys, counts, readable = _check_samples(stream, name, manifest, keys)
         digest, size = stream.drain()
     head = []
@@ -72,8 +73,7 @@ def _check_samples(stream: IO[bytes], name: str, manifest: dict,
     """(problems, sample keys, token counts per label, whether the tar parsed) of one shard's samples."""
     problems: list[str] = []
     k = manifest["codebook"]["k"]
-    shape = tuple(manifest["token_grid"]["shape"])
-    dtype = np.dtype(manifest["token_grid"]["dtype"])
+    shape, dtype = manifest["token_grid"]["shape"], manifest["token_grid"]["dtype"]
     tar_keys: list[str] = []
     counts: dict[int, np.ndarray] = {}
     try:
@@ -94,11 +94,8 @@ def _check_samples(stream: IO[bytes], name: str, manifest: dict,
                 problems.append(f"{where}: no .tokens.npy")
                 continue
             tokens = decode_npy(sample["tokens.npy"])
-            if tokens.dtype != dtype or tokens.shape != shape:
-                problems.append(f"{where}: tokens {tokens.dtype}{list(tokens.shape)}, "
-                                f"manifest says {dtype}{list(shape)}")
-            elif tokens.size and (int(tokens.max()) >= k or int(tokens.min()) < 0):
-                problems.append(f"{where}: token {int(tokens.max())} out of range for K={k}")
+            if (problem := token_problem(tokens, dtype, shape, k)) is not None:
+                problems.append(f"{where}: {problem}")
             else:
                 label = -1 if meta.get("label") is None else meta["label"]
                 counts[label] = counts.get(label, 0) + np.bincount(tokens.ravel(), minlength=k)
@@ -111,11 +108,19 @@ def _check_index(fs: AbstractFileSystem, path: str, entry: dict, manifest: dict,
                  counts: dict[int, np.ndarray]) -> list[str]:
     """Problems of a shard's index: its 'ok' rows and token counts must match the shard's samples."""
     name, k, problems = entry["path"], manifest["codebook"]["k"], []
+    if (problem := _not_a_file(fs, path)) is not None:
+        return [f"{entry['index']}: {problem}"]
     try:
         index = read_index(path, fs).to_pydict()
-        tc = read_index_stats(path, fs)["token_counts"]
-    except FileNotFoundError:
-        return [f"{entry['index']}: missing"]
+        stats = read_index_stats(path, fs)
+    except (OSError, ValueError) as e:
+        return [str(e)]
+    if stats.get("tokenizer_id") != manifest["tokenizer_id"]:
+        problems.append(f"{entry['index']}: tokenizer_id {stats.get('tokenizer_id')!r} is not the manifest's "
+                        f"{manifest['tokenizer_id']!r} ({name} was tokenized with another codebook)")
+    tc = stats["token_counts"]
+    if any(t >= k for t in tc["token"]):
+        return problems + [f"{entry['index']}: field 'token_counts': a token id is out of range [0, {k})"]
     ok_keys = [k_ for k_, s in zip(index["key"], index["status"], strict=True) if s == "ok"]
     if ok_keys != tar_keys:
         problems.append(f"{entry['index']}: 'ok' rows do not match the samples in {name}")
@@ -127,20 +132,34 @@ def _check_index(fs: AbstractFileSystem, path: str, entry: dict, manifest: dict,
     return problems
 
 
+def _not_a_file(fs: AbstractFileSystem, path: str) -> str | None:
+    """Why ``path`` cannot be read as a dataset file (missing, or on local disk not a regular file: a FIFO or a
+    device would block or never end), or None."""
+    if not is_local(fs):
+        return None if fs.isfile(path) else "missing"
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
 def _check_codebook(fs: AbstractFileSystem, root: str, manifest: dict) -> list[str]:
-    name = manifest["codebook"]["path"] if "codebook" in manifest else CODEBOOK
+    name = manifest["codebook"]["path"]
     path = join(root, name)
-    if not fs.isfile(path):
-        return [f"{name}: missing"]
+    if (problem := _not_a_file(fs, path)) is not None:
+        return [f"{name}: {problem}"]
     try:
         if is_local(fs):
-            book = load_codebook(path)
+            book = load_codebook(path, name)
         else:
             with tempfile.TemporaryDirectory(prefix="kmim-verify-") as d:
                 get_file(fs, path, Path(d) / CODEBOOK)
-                book = load_codebook(Path(d) / CODEBOOK)
+                book = load_codebook(Path(d) / CODEBOOK, name)
     except (OSError, ValueError) as e:
-        return [f"{name}: {e}"]
+        return [str(e)]
+    if book.k != manifest["codebook"]["k"]:
+        return [f"{name}: K={book.k}, manifest says {manifest['codebook']['k']}"]
     if book.tokenizer_id != manifest["tokenizer_id"]:
         return [f"{name}: tokenizer_id differs from the manifest's"]
     return []

@@ -2,7 +2,11 @@
 
 Resumable by construction: a finished shard (its tar exists) is never redone, the codebook is reused
 when present, and the manifest is rebuilt from the shards' index stats, so a resumed job commits the
-same manifest as an uninterrupted one.
+same manifest as an uninterrupted one. A finished shard whose index is missing, unreadable or records another
+tokenizer_id than the codebook's (e.g. copied in from another job) is deleted and redone.
+
+One run at a time per output: the job holds :func:`kmim.pipeline.lock.hold_output` from before it reads the
+output until it ends, so a second run on the same output fails at once, naming the first.
 
 The output is a directory or any fsspec URL. A remote output is written through local staging directories
 (the codebook and k-means state on the driver, each shard on the worker that makes it), every upload is
@@ -11,6 +15,7 @@ checked before it counts, and the manifest goes up last, once every shard landed
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -28,15 +33,30 @@ from kmim.datasets.manifest import (
     JOB_FILE,
     MANIFEST,
     build_manifest,
+    index_name,
+    index_stats,
     read_manifest,
     shard_name,
     write_manifest,
 )
 from kmim.pipeline.fit import FitError, FitSample, fit_sample_kmeans
+from kmim.pipeline.lock import hold_output
 from kmim.pipeline.runners import map_shards
 from kmim.pipeline.sources import InputShard, plan_inputs
 from kmim.pipeline.stages import json_digest, preprocess_of, token_dtype, tokenize_shard
-from kmim.storage import get_file, is_local, join, list_sizes, open_url, put_bytes, put_verified, redact, staging_dir
+from kmim.storage import (
+    get_file,
+    is_local,
+    join,
+    list_sizes,
+    open_url,
+    put_bytes,
+    put_verified,
+    redact,
+    redact_text,
+    staging_dir,
+    url_of,
+)
 from kmim.tokenizers.codebook import Codebook, load_codebook, save_codebook
 from kmim.tokenizers.extractors import build_extractor
 from kmim.tokenizers.metrics import dataset_report
@@ -54,7 +74,9 @@ class JobError(RuntimeError):
 
 def _check_job_file(fs: AbstractFileSystem, root: str, cfg: JobConfig, shards: list[InputShard]) -> None:
     """Record the job's material settings; refuse to resume a directory written with other settings."""
-    job = {"settings": cfg.model_dump(exclude=_NOT_MATERIAL), "inputs": json_digest([repr(s) for s in shards])}
+    # URLs are stored redacted (no passwords, no presigned signatures): rotating a credential is not a new job.
+    settings = {**cfg.model_dump(exclude=_NOT_MATERIAL), "input": cfg.input and redact(cfg.input)}
+    job = {"settings": settings, "inputs": json_digest([redact_text(repr(s)) for s in shards])}
     out = redact(cfg.out)
     try:
         old = json.loads(fs.cat_file(join(root, JOB_FILE)))
@@ -80,6 +102,27 @@ def _outputs(fs: AbstractFileSystem, root: str, work: Path) -> set[str]:
     for stale in fnmatch.filter(names, ".*.tmp-*"):
         fs.rm_file(join(root, stale))
     return {n for n in names if not fnmatch.fnmatch(n, ".*.tmp-*")}
+
+
+def _foreign(fs: AbstractFileSystem, root: str, names: list[str], tokenizer_id: str) -> set[str]:
+    """Those of the finished shards ``names`` not made with the codebook ``tokenizer_id`` (their index missing,
+    unreadable, or recording another tokenizer_id), each logged with why and deleted, so that they are redone."""
+    foreign = set()
+    for name, stats in index_stats(root, names, fs).items():
+        if isinstance(stats, FileNotFoundError):
+            why = "its index is missing"
+        elif isinstance(stats, Exception):
+            why = f"its index is unreadable ({type(stats).__name__}: {stats})"
+        elif stats.get("tokenizer_id") != tokenizer_id:
+            why = f"its tokenizer_id is {stats.get('tokenizer_id')!r}, not the codebook's {tokenizer_id!r}"
+        else:
+            continue
+        log.warning("%s: %s; redoing it", url_of(fs, join(root, name)), why)
+        for file in (name, index_name(name)):  # the tar first: a shard without its tar is unfinished
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(join(root, file))
+        foreign.add(name)
+    return foreign
 
 
 def _codebook(cfg: JobConfig, shards: list[InputShard], fs: AbstractFileSystem, root: str, work: Path,
@@ -136,18 +179,35 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path) -> Codeb
     return book
 
 
+def _committed(root: str, fs: AbstractFileSystem) -> dict | None:
+    """The output's manifest, or None when it does not hold (it is then rewritten)."""
+    try:
+        return read_manifest(root, fs)
+    except ValueError:
+        return None
+
+
 def run_job(cfg: JobConfig) -> dict:
-    """Run (or resume) a job; returns a summary with the tokenizer report. Raises JobError on failures."""
+    """Run (or resume) a job; returns a summary with the tokenizer report. Raises JobError on failures, LockError
+    when another run holds the output."""
     t_start = time.perf_counter()
     shards, labels = plan_inputs(cfg)
     fs, root = open_url(cfg.out, cfg.storage_options)
     work = Path(root) if is_local(fs) else staging_dir(cfg.out, cfg.staging)
     work.mkdir(parents=True, exist_ok=True)
+    with hold_output(fs, root):
+        return _run(cfg, shards, labels, fs, root, work, t_start)
+
+
+def _run(cfg: JobConfig, shards: list[InputShard], labels: list[str] | None, fs: AbstractFileSystem, root: str,
+         work: Path, t_start: float) -> dict:
     _check_job_file(fs, root, cfg, shards)
     present = _outputs(fs, root, work)
     book, fitted = _codebook(cfg, shards, fs, root, work, present)
     book_ref, out_ref = (str(work / CODEBOOK), str(work)) if is_local(fs) else (join(cfg.out, CODEBOOK), cfg.out)
-    todo = [s for s in shards if shard_name(s.index) not in present]
+    finished = [shard_name(s.index) for s in shards if shard_name(s.index) in present]
+    foreign = _foreign(fs, root, finished, book.tokenizer_id)
+    todo = [s for s in shards if shard_name(s.index) not in present or shard_name(s.index) in foreign]
     failures, timing = [], {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
     for shard, stats, error in map_shards(tokenize_shard, todo, cfg, book_ref, out_ref, runner=cfg.runner,
                                           desc="tokenize", address=cfg.ray_address,
@@ -167,7 +227,7 @@ def run_job(cfg: JobConfig) -> dict:
                               "patch_size": cfg.patch_size},
                "preprocess": preprocess_of(cfg).describe(), "labels": labels}
     manifest = build_manifest(root, [shard_name(s.index) for s in shards], dataset=dataset, fs=fs)
-    if MANIFEST not in present or read_manifest(root, fs) != manifest:
+    if MANIFEST not in present or _committed(root, fs) != manifest:
         write_manifest(root, manifest, fs)
     return {"out": redact(cfg.out), "samples": manifest["samples"], "inputs": manifest["inputs"],
             "skipped": manifest["skipped"], "shards": len(shards), "shards_written": len(todo),

@@ -8,6 +8,8 @@ every file landed, the destination has no manifest: a dataset without one does n
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 from fsspec import AbstractFileSystem
 from tqdm import tqdm
 
-from kmim.datasets.manifest import CODEBOOK, JOB_FILE, MANIFEST, read_manifest
+from kmim.datasets.manifest import JOB_FILE, MANIFEST, read_manifest
 from kmim.datasets.shards import sha256_file
 from kmim.storage import join, list_sizes, open_url, put_verified, redact, sha256_remote, url_of
 
@@ -29,7 +31,7 @@ class PublishError(RuntimeError):
 def dataset_files(src: Path, manifest: dict) -> dict[str, tuple[str, int] | None]:
     """``{relative name: (sha256, bytes) the manifest records, or None}`` of every file of a committed dataset
     except its manifest: the codebook, each shard and its index, and the job record if there is one."""
-    files: dict[str, tuple[str, int] | None] = {manifest.get("codebook", {}).get("path", CODEBOOK): None}
+    files: dict[str, tuple[str, int] | None] = {manifest["codebook"]["path"]: None}
     for entry in manifest["shards"]:
         files[entry["index"]] = None
         files[entry["path"]] = (entry["sha256"], entry["bytes"])
@@ -42,6 +44,12 @@ def _publish_file(local: Path, fs: AbstractFileSystem, path: str, expected: tupl
                   there: int | None) -> int | None:
     """Upload one file unless the destination already holds it (``there``: its size there, None = absent);
     return the bytes uploaded, None if skipped."""
+    try:
+        regular = stat.S_ISREG(os.lstat(local).st_mode)
+    except FileNotFoundError:
+        raise PublishError(f"{local}: missing") from None
+    if not regular:  # a symlink could point anywhere on this machine; a FIFO or device never ends
+        raise PublishError(f"{local}: not a regular file (symlinks and special files are never published)")
     sha, size = sha256_file(local)
     if expected is not None and (sha, size) != expected:
         raise PublishError(f"{local}: differs from the source manifest (size or sha256); run kmim verify on it")

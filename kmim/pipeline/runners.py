@@ -20,7 +20,8 @@ GPU node decode for its GPUs.
 
 Failures: an item whose worker, actor or node died (or whose result was lost), or whose stage raised an
 error that looks transient (``OSError`` such as a storage hiccup, ``MemoryError``, CUDA out of memory), is
-run again, up to ``retries`` more times; a dead actor is replaced first. Any other exception is
+run again, up to ``retries`` more times; a dead actor is replaced first. A full disk, a read-only filesystem,
+a missing file or a denied permission is never retried. Any other exception is
 deterministic (bad input beyond what the stage skips per image, or a bug) and is not retried. A failed
 item yields a :class:`ShardFailed` that says what failed, why, and after how many attempts. Retrying is
 safe because stages are idempotent: an output's name derives from its input shard and is written under a
@@ -39,10 +40,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from kmim.storage import is_transient
+
 TASK_RETRIES = 2
 ITEMS_PER_ACTOR = 2
-_TRANSIENT = (OSError, MemoryError, torch.cuda.OutOfMemoryError)
 log = logging.getLogger("kmim")
+
+
+def _is_transient(error: BaseException) -> bool:
+    """Whether a stage error may pass on retry: memory errors, and I/O errors as :func:`kmim.storage.is_transient`
+    judges them (not a full disk, a read-only filesystem, a missing file or a denied permission)."""
+    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or is_transient(error)
 
 
 class ShardFailed(Exception):
@@ -86,7 +94,7 @@ def _attempt_local(fn: Callable[..., Any], item: Any, args: tuple, retries: int)
         try:
             return fn(item, *args), None
         except Exception as e:  # noqa: BLE001 - reported per item by the caller
-            transient = isinstance(e, _TRANSIENT)
+            transient = _is_transient(e)
             if not transient or attempts > retries:
                 return None, ShardFailed(e, attempts, transient)
             log.warning("%s: %s: %s; retrying (attempt %d of %d)", _describe(item), type(e).__name__, e,
@@ -196,7 +204,7 @@ def _outcome(ref: Any) -> tuple[Any, BaseException | None, bool]:
         return ray.get(ref), None, False
     except ray.exceptions.RayTaskError as e:  # the stage raised: judge its own exception
         cause = e.cause if isinstance(e.cause, BaseException) else e
-        return None, cause, isinstance(cause, _TRANSIENT)
+        return None, cause, _is_transient(cause)
     except ray.exceptions.TaskCancelledError as e:
         return None, e, False
     except ray.exceptions.RayError as e:  # worker / actor / node death, lost object: the system, not the input

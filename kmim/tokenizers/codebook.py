@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from kmim.datasets.shards import tmp_path
 
@@ -43,23 +43,41 @@ def tokenizer_id(centroids: torch.Tensor, metadata: dict) -> str:
 
 
 def save_codebook(path: Path, book: Codebook) -> None:
-    """Write atomically (temp file + rename)."""
-    tmp = tmp_path(Path(path))
+    """Write atomically (temp file + rename), with the same file mode as every other output (umask applies)."""
     meta = {_META_KEY: json.dumps(book.metadata, sort_keys=True), "tokenizer_id": book.tokenizer_id}
+    data = save({"centroids": book.centroids.float().contiguous()}, metadata=meta)
+    tmp = tmp_path(Path(path))
     try:
-        save_file({"centroids": book.centroids.float().contiguous()}, str(tmp), metadata=meta)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_codebook(path: str | Path) -> Codebook:
-    """Load and check that the stored tokenizer_id matches the content."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+def load_codebook(path: str | Path, where: str | None = None) -> Codebook:
+    """Load a codebook and check it: one float32 ``centroids`` tensor [K, D], K >= 1, kmim metadata, and a stored
+    tokenizer_id that matches the content. Raises ValueError naming ``where`` (default: ``path``)."""
+    where = where or str(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+            centroids = f.get_tensor("centroids") if names == {"centroids"} else None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{where}: not a safetensors file ({e})") from None
     if _META_KEY not in meta:
-        raise ValueError(f"{path}: not a kmim codebook (no '{_META_KEY}' metadata)")
-    book = Codebook(load_file(str(path))["centroids"], json.loads(meta[_META_KEY]))
+        raise ValueError(f"{where}: not a kmim codebook (no '{_META_KEY}' metadata)")
+    if centroids is None:
+        raise ValueError(f"{where}: expected exactly one tensor 'centroids', found {sorted(names)}")
+    if centroids.dtype != torch.float32 or centroids.ndim != 2 or min(centroids.shape) < 1:
+        raise ValueError(f"{where}: 'centroids' is {centroids.dtype}{list(centroids.shape)}, expected float32 [K, D]")
+    try:
+        metadata = json.loads(meta[_META_KEY])
+    except ValueError as e:
+        raise ValueError(f"{where}: metadata is not valid JSON ({e})") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{where}: metadata is not a JSON object")
+    book = Codebook(centroids, metadata)
     if book.tokenizer_id != meta.get("tokenizer_id"):
-        raise ValueError(f"{path}: tokenizer_id {meta.get('tokenizer_id')} does not match its content")
+        raise ValueError(f"{where}: tokenizer_id {meta.get('tokenizer_id')} does not match its content")
     return book

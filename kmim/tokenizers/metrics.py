@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from fsspec import AbstractFileSystem
 
-from kmim.datasets.manifest import read_index_stats, read_manifest
+from kmim.datasets.manifest import ManifestError, read_index_stats, read_manifest
 from kmim.storage import join
 
 
@@ -62,7 +62,10 @@ def dataset_report(root: str | Path, fs: AbstractFileSystem | None = None) -> di
     k = manifest["codebook"]["k"]
     by_label: dict[int, np.ndarray] = {}
     for entry in manifest["shards"]:
-        tc = read_index_stats(join(str(root), entry["index"]), fs)["token_counts"]
+        path = join(str(root), entry["index"])
+        tc = read_index_stats(path, fs)["token_counts"]
+        if any(t >= k for t in tc["token"]):
+            raise ManifestError(f"{path}: field 'token_counts': a token id is out of range [0, {k})")
         for label, token, count in zip(tc["label"], tc["token"], tc["count"], strict=True):
             by_label.setdefault(label, np.zeros(k, np.int64))[token] += count
     labels = sorted(by_label)
