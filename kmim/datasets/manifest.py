@@ -142,7 +142,7 @@ def token_problem(tokens: np.ndarray, dtype: str, shape: list[int], k: int) -> s
         return f"tokens {tokens.dtype}{list(tokens.shape)}, manifest says {dtype}{list(shape)}"
     if tokens.size and (int(tokens.max()) >= k or int(tokens.min()) < 0):
         bad = int(tokens.max()) if int(tokens.max()) >= k else int(tokens.min())
-        return f"token {bad} out of range [0, {k})"
+        return f"token {bad} out of range for K={k}"
     return None
 
 

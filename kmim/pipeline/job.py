@@ -2,8 +2,9 @@
 
 Resumable by construction: a finished shard (its tar exists) is never redone, the codebook is reused
 when present, and the manifest is rebuilt from the shards' index stats, so a resumed job commits the
-same manifest as an uninterrupted one. A finished shard whose index is missing, unreadable or records another
-tokenizer_id than the codebook's (e.g. copied in from another job) is deleted and redone.
+same manifest as an uninterrupted one. A shard is finished only if its index also records the codebook's
+tokenizer_id: one whose index is missing, unreadable or from another tokenizer (e.g. copied in from another job)
+is deleted and redone.
 
 One run at a time per output: the job holds :func:`kmim.pipeline.lock.hold_output` from before it reads the
 output until it ends, so a second run on the same output fails at once, naming the first.
@@ -201,6 +202,7 @@ def run_job(cfg: JobConfig) -> dict:
 
 def _run(cfg: JobConfig, shards: list[InputShard], labels: list[str] | None, fs: AbstractFileSystem, root: str,
          work: Path, t_start: float) -> dict:
+    """:func:`run_job` once it holds the output."""
     _check_job_file(fs, root, cfg, shards)
     present = _outputs(fs, root, work)
     book, fitted = _codebook(cfg, shards, fs, root, work, present)

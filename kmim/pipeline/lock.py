@@ -14,8 +14,9 @@ release; a process that opened it just before then sees, once it gets the lock, 
 inode, and locks the new file instead. Protects against any other process on this host, and against processes on
 other hosts where the filesystem shares flocks between its clients (NFSv4, or Lustre/GPFS/CephFS with flock
 enabled). Does not protect: NFS mounted with ``local_lock=flock``/``local_lock=all``/``nolock``, or any
-filesystem whose flocks are per client (two hosts both get the lock); a child process forked without exec
-shares the lock and keeps it alive after the job process dies.
+filesystem whose flocks are per client (two hosts both get the lock); a filesystem with no flock at all
+(ENOLCK, EOPNOTSUPP: e.g. NFSv3 without a lock manager), where the run logs a warning and goes on unlocked; a
+child process forked without exec shares the lock and keeps it alive after the job process dies.
 
 **Any other filesystem** (S3, GCS, ...): a lease object ``.kmim.lease`` in the output prefix, JSON with the holder
 record plus ``renewed`` (Unix time, seconds), ``ttl_s`` and a random ``token``. It is created with
@@ -39,9 +40,11 @@ protect:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -63,6 +66,7 @@ LOCK_FILE = ".kmim.lock"
 LEASE_FILE = ".kmim.lease"
 LEASE_TTL_S = 600.0  # seconds without renewal after which a lease is stale; KMIM_LEASE_TTL_S overrides
 _TAKE_ATTEMPTS = 3
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # e.g. NFS without a lock manager
 
 
 class LockError(RuntimeError):
@@ -137,7 +141,15 @@ def _locked_fd(path: Path) -> int:
 @contextmanager
 def _flock(root: Path) -> Iterator[None]:
     path = root / LOCK_FILE
-    fd = _locked_fd(path)
+    try:
+        fd = _locked_fd(path)
+    except OSError as e:
+        if e.errno not in _NO_FLOCK:
+            raise
+        log.warning("%s: this filesystem has no flock (%s); running unlocked, so another run on this output "
+                    "would go undetected", root, e.strerror)
+        yield
+        return
     try:
         previous = _parse(os.pread(fd, 1 << 16, 0))
         if previous:  # a clean release unlinks the file, so its holder died
@@ -188,10 +200,20 @@ def _pid_alive(pid: object) -> bool:
     return True
 
 
+def _seconds(value: object, default: float) -> float:
+    """``value`` if it is a finite number (of seconds) as JSON gives it, else ``default``."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else default
+
+
+def _age_ttl(lease: dict) -> tuple[float, float]:
+    """(seconds since the lease was renewed, its ttl in seconds); a lease without a valid time is infinitely old."""
+    return time.time() - _seconds(lease.get("renewed"), -math.inf), _seconds(lease.get("ttl_s"), LEASE_TTL_S)
+
+
 def _stale(lease: dict) -> str | None:
     """Why ``lease`` may be taken over, or None while its holder is live."""
-    age = time.time() - float(lease.get("renewed", 0))
-    ttl = float(lease.get("ttl_s", LEASE_TTL_S))
+    age, ttl = _age_ttl(lease)
     if age > ttl:
         return f"not renewed for {age:.0f}s (its ttl is {ttl:.0f}s)"
     if lease.get("host") == socket.gethostname() and not _pid_alive(lease.get("pid")):
@@ -213,10 +235,10 @@ def _take_lease(fs: AbstractFileSystem, root: str, path: str, me: dict) -> None:
             continue  # released since
         why = _stale(lease)
         if why is None:
-            age = time.time() - float(lease.get("renewed", 0))
-            raise LockError(f"{url_of(fs, root)} is in use by another kmim run: "
-                            f"{_who(lease)}, lease renewed {age:.0f}s ago (stale after {lease.get('ttl_s')}s "
-                            "without renewal); wait for it to end or use another --out")
+            age, ttl = _age_ttl(lease)
+            raise LockError(f"{url_of(fs, root)} is in use by another kmim run: {_who(lease)}, lease renewed "
+                            f"{age:.0f}s ago (stale after {ttl:.0f}s without renewal); wait for it to end or use "
+                            "another --out")
         log.warning("%s: taking over the lease of %s: %s", where, _who(lease), why)
         try:
             _put_lease(fs, path, me, tag)
@@ -243,12 +265,24 @@ def _renew(fs: AbstractFileSystem, path: str, me: dict, stop: threading.Event) -
             log.warning("%s: renewing the lease failed (%s: %s); retrying", where, type(e).__name__, e)
 
 
+def _ttl_s() -> float:
+    """The lease TTL in seconds: ``KMIM_LEASE_TTL_S`` if set, else :data:`LEASE_TTL_S`."""
+    value = os.environ.get("KMIM_LEASE_TTL_S", str(LEASE_TTL_S))
+    try:
+        ttl = float(value)
+    except ValueError:
+        ttl = 0.0
+    if not 0 < ttl < math.inf:
+        raise ValueError(f"KMIM_LEASE_TTL_S={value!r} is not a positive number of seconds")
+    return ttl
+
+
 @contextmanager
 def _lease(fs: AbstractFileSystem, root: str) -> Iterator[None]:
     path = join(root, LEASE_FILE)
+    me = {**_holder(), "ttl_s": _ttl_s(), "token": uuid.uuid4().hex}
     if not _is_object_store(fs):
         fs.makedirs(root, exist_ok=True)
-    me = {**_holder(), "ttl_s": float(os.environ.get("KMIM_LEASE_TTL_S", LEASE_TTL_S)), "token": uuid.uuid4().hex}
     _take_lease(fs, root, path, me)
     stop = threading.Event()
     renewer = threading.Thread(target=_renew, args=(fs, path, me, stop), name="kmim-lease", daemon=True)
