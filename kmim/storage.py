@@ -72,7 +72,7 @@ def is_local(fs: AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _is_object_store(fs: AbstractFileSystem) -> bool:
+def is_object_store(fs: AbstractFileSystem) -> bool:
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     return bool(protocols & OBJECT_STORES)
 
@@ -172,7 +172,7 @@ def is_transient(error: BaseException) -> bool:
 
 
 def _put_once(local: Path, fs: AbstractFileSystem, path: str, sha256: str, size: int) -> None:
-    direct = _is_object_store(fs)
+    direct = is_object_store(fs)
     target = path if direct else str(tmp_path(Path(path)))
     try:
         if not direct:

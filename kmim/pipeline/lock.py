@@ -58,7 +58,7 @@ from pathlib import Path
 
 from fsspec import AbstractFileSystem
 
-from kmim.storage import _is_object_store, is_local, join, redact, url_of
+from kmim.storage import is_local, is_object_store, join, redact, url_of
 
 log = logging.getLogger("kmim")
 
@@ -281,7 +281,7 @@ def _ttl_s() -> float:
 def _lease(fs: AbstractFileSystem, root: str) -> Iterator[None]:
     path = join(root, LEASE_FILE)
     me = {**_holder(), "ttl_s": _ttl_s(), "token": uuid.uuid4().hex}
-    if not _is_object_store(fs):
+    if not is_object_store(fs):
         fs.makedirs(root, exist_ok=True)
     _take_lease(fs, root, path, me)
     stop = threading.Event()
