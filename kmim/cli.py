@@ -120,6 +120,8 @@ def run(
     label_column: str | None = typer.Option(None, help="Parquet label column [label]"),
     min_image_size: int | None = typer.Option(None, help="skip images with a shorter side below this [8]"),
     max_image_pixels: int | None = typer.Option(None, help="skip larger images as decompression bombs"),
+    max_image_bytes: int | None = typer.Option(None, help="skip input images of more bytes, unread "
+                                               "[67108864 = 64 MiB]"),
 ) -> None:
     """Fit a codebook and tokenize a dataset into verified WebDataset shards (resumes if interrupted)."""
     overrides = {name: value for name, value in locals().items() if name not in ("config", "storage_option")}

@@ -78,6 +78,8 @@ class JobConfig(BaseModel):
     label_column: str | None = "label"
     min_image_size: int = Field(8, ge=1)
     max_image_pixels: int = Field(89_478_485, ge=1)
+    max_image_bytes: int = Field(64 * 2**20, ge=1, description="skip an input image of more bytes (a file, tar "
+                                 "member or Parquet value) without reading it")
 
     @field_validator("model_kwargs", mode="before")
     @classmethod

@@ -196,8 +196,8 @@ def test_killed_worker_and_every_input_lands_once(data: Path, tmp_path: Path, dr
 
 
 def test_failing_shards_are_reported_with_reason_and_attempts(tmp_path: Path, driver: str) -> None:
-    """A shard that cannot be read (an I/O error: retried up to --task-retries) and one that breaks the tar
-    contract (deterministic: not retried) fail the job; the CLI reports each, and no manifest is written."""
+    """A shard that cannot be read (a directory: an I/O error that a retry only repeats) and one that breaks the
+    tar contract (deterministic) fail the job without retries; the CLI reports each, and no manifest is written."""
     tars = tmp_path / "tars"
     tars.mkdir()
     rng = np.random.default_rng(0)
@@ -217,7 +217,7 @@ def test_failing_shards_are_reported_with_reason_and_attempts(tmp_path: Path, dr
     assert res.exit_code == 1, res.output
     report = " ".join(res.output.split())  # undo the console's line wrapping
     assert "error: 2 of 3 shards failed; no manifest written" in report
-    assert "b.tar: IsADirectoryError" in report and "(failed after 2 attempts)" in report
+    assert "b.tar: IsADirectoryError" in report and "(failed after 1 attempt, not retried" in report
     assert "c.tar: ShardError" in report and "(failed after 1 attempt, not retried: deterministic error)" in report
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert (tmp_path / "out" / "shard-00000.tar").exists()

@@ -327,7 +327,7 @@ def test_input_credentials_are_never_shown_or_stored(http_tars: str, tmp_path: P
     res = cli.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert SECRET not in res.output and SECRET not in caplog.text
-    assert read_manifest(out)["samples"] == 36 and verify_dataset(out) == []
+    assert read_manifest(out)["samples"] == 12 and verify_dataset(out) == []
     for p in out.rglob("*"):
         if p.is_file():
             assert SECRET.encode() not in p.read_bytes(), p.name

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
 import tarfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import IO
@@ -20,6 +24,9 @@ import webdataset as wds
 
 # key.ext where the key has no dot and the extension is one or more dotted words (e.g. "tokens.npy").
 _MEMBER = re.compile(r"^([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)$")
+# An input tar's member, WebDataset style: the key is the path up to the first dot of the last component
+# ("train/n01440764_10026.JPEG" -> key "train/n01440764_10026"); never used as a path, only as a source id.
+_INPUT_MEMBER = re.compile(r"^((?:[^/\x00]+/)*[^/.\x00]+)\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)$")
 HASH_CHUNK = 1 << 20
 
 
@@ -95,28 +102,73 @@ class ShardWriter:
         os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):  # the tar stream may be mid-member; it is discarded anyway
-            self._tar.close()
-        self._file.close()
+        """Discard the shard: the temp file is removed even when closing the tar or the file fails (a full disk)."""
+        for close in (self._tar.close, self._file.close):  # the tar stream may be mid-member; it is discarded
+            with contextlib.suppress(Exception):
+                close()
         self.tmp.unlink(missing_ok=True)
 
 
-def iter_tar(fileobj: IO[bytes], name: str = "<tar>") -> Iterator[dict[str, bytes | str]]:
-    """Yield samples ``{"__key__": key, ext: bytes}`` from a WebDataset-layout tar stream.
+class _Rejoined:
+    """``head``, then the rest of ``f``: a read-only stream whose first bytes were read to sniff its compression."""
+
+    def __init__(self, head: bytes, f: IO[bytes]):
+        self.head, self.f = head, f
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.f.read(size)
+        data = self.head + self.f.read() if size < 0 else self.head[:size]
+        self.head = b"" if size < 0 else self.head[size:]
+        return data
+
+
+_DECOMPRESS = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+
+
+def _uncompressed(fileobj: IO[bytes]) -> IO[bytes]:
+    """``fileobj`` as a plain stream: gzip, bzip2 and xz data are decompressed a bounded amount per read
+    (tarfile's own ``r|*`` inflates each compressed block whole and re-slices the result: unbounded memory for a
+    bzip2 bomb, quadratic time skipping a large gzip member)."""
+    head = b""
+    while len(head) < 6 and (more := fileobj.read(6 - len(head))):
+        head += more
+    stream = _Rejoined(head, fileobj)
+    opener = next((o for magic, o in _DECOMPRESS if head.startswith(magic)), None)
+    return opener(stream) if opener is not None else stream
+
+
+@dataclass(frozen=True)
+class Unread:
+    """Stands in :func:`iter_tar`'s samples for a member over ``max_member_bytes``: ``size`` bytes, never read."""
+
+    size: int
+
+
+def iter_tar(fileobj: IO[bytes], name: str = "<tar>", *, input_tar: bool = False, max_member_bytes: int | None = None,
+             keep: Callable[[str], bool] | None = None) -> Iterator[dict[str, bytes | str | Unread]]:
+    """Yield samples ``{"__key__": key, ext: bytes}`` from a WebDataset-layout tar stream (gzip, bzip2, xz or plain).
 
     Members must be regular files named ``key.ext`` (no directories, no path separators, no ``..``);
     a member of a sample must follow the previous member of the same sample. Raises :class:`ShardError`.
+    ``input_tar`` reads a tar given to kmim as input rather than one of its shards: directory entries are
+    ignored, keys may hold directories (``dir/key.ext``) and extensions are lowercased. Members whose
+    extension ``keep`` rejects are not read; a member over ``max_member_bytes`` is not read either (its size
+    comes from its header): its value is :class:`Unread`.
     """
     seen: set[str] = set()
-    current: dict[str, bytes | str] | None = None
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+    current: dict[str, bytes | str | Unread] | None = None
+    with tarfile.open(fileobj=_uncompressed(fileobj), mode="r|") as tar:
         for member in tar:
+            if input_tar and member.isdir():
+                continue
             if not member.isfile():
                 raise ShardError(f"{name}: member {member.name!r} is not a regular file")
-            match = _MEMBER.match(member.name)
+            match = (_INPUT_MEMBER if input_tar else _MEMBER).match(member.name.removeprefix("./"))
             if match is None:
                 raise ShardError(f"{name}: invalid member name {member.name!r} (expected key.ext, no paths)")
             key, ext = match.groups()
+            ext = ext.lower() if input_tar else ext
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current
@@ -126,6 +178,11 @@ def iter_tar(fileobj: IO[bytes], name: str = "<tar>") -> Iterator[dict[str, byte
                 current = {"__key__": key}
             if ext in current:
                 raise ShardError(f"{name}: duplicate member {member.name!r}")
+            if keep is not None and not keep(ext):
+                continue
+            if max_member_bytes is not None and member.size > max_member_bytes:
+                current[ext] = Unread(member.size)
+                continue
             data = tar.extractfile(member)
             current[ext] = data.read() if data is not None else b""
     if current is not None:

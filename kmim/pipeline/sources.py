@@ -4,15 +4,23 @@ Kinds: an ImageFolder tree (label = class folder, chunked by ``shard_size``), We
 input shard per tar; a path, directory, brace pattern or fsspec URL), Parquet files (row ranges of
 ``shard_size``), and the built-in sample (scikit-learn's digits, upscaled to 64 px PNG).
 Planning only lists and stats files; reading happens in the stage that owns the shard.
+
+Input files are regular files only: planning leaves out FIFOs, sockets, devices and symlinks to them, which
+are never opened. No image is read over ``max_image_bytes`` (a file's stat size, a tar member's header size,
+a Parquet value's length); it is skipped as ``too_large``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
+import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import fsspec
 import numpy as np
@@ -20,10 +28,21 @@ import pyarrow.parquet as pq
 from braceexpand import braceexpand
 from PIL import Image
 
-from kmim.datasets.preprocess import IMAGE_EXTS, NO_IMAGE
-from kmim.datasets.shards import iter_tar
+from kmim.datasets.preprocess import (
+    BAD_LABEL,
+    IMAGE_EXTS,
+    NO_IMAGE,
+    TOO_LARGE,
+    UNDECODABLE,
+    UNREADABLE,
+    SkipImage,
+)
+from kmim.datasets.shards import Unread, iter_tar
+from kmim.storage import is_local
 
 BUILTIN = "builtin:digits"
+MAX_LABEL = 2**31 - 1  # labels are integers in [-1, MAX_LABEL]; -1 (or none) means unlabeled
+_TAR_MEMBERS = frozenset((*IMAGE_EXTS, "cls", "json"))  # the members of an input tar sample that are read
 
 
 class InputError(ValueError):
@@ -53,6 +72,21 @@ class RawSample:
     data: bytes | None
     label: int | None
     skip: str | None = None  # reason known before decoding (e.g. a tar sample without an image)
+    detail: str = ""  # what made it skip, for the log
+
+
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def _file_name(path: str) -> str:
+    """The last component of a path or URL, without any query or fragment (a presigned URL's signature)."""
+    return posixpath.basename(urlsplit(path).path if "://" in path else path)
+
+
+def _kind(path: str) -> str | None:
+    """"tar" or "parquet" by the file name's suffix (any case), else None."""
+    name = _file_name(path).lower()
+    return "tar" if name.endswith(_TAR_SUFFIXES) else "parquet" if name.endswith(".parquet") else None
 
 
 def _is_image(path: str) -> bool:
@@ -76,9 +110,27 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def _plan_folder(fs, root: str, shard_size: int) -> tuple[list[InputShard], list[str] | None]:
-    entries = fs.find(root, withdirs=False)
-    rel = sorted(posixpath.relpath(p, root) for p in entries if _is_image(p))
+def _file_type(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """"file", "directory" or "other" (a FIFO, socket, device or broken symlink: never to be opened) of ``path``,
+    following symlinks."""
+    if is_local(fs):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return "other"
+        return "file" if stat.S_ISREG(mode) else "directory" if stat.S_ISDIR(mode) else "other"
+    return fs.info(path).get("type", "other")
+
+
+def _regular_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The regular files under ``root``, sorted."""
+    if is_local(fs):  # fsspec types a symlink by the link itself, so stat each file
+        return sorted(p for p in fs.find(root, withdirs=False) if _file_type(fs, p) == "file")
+    return sorted(p for p, info in fs.find(root, withdirs=False, detail=True).items() if info.get("type") == "file")
+
+
+def _plan_folder(fs, root: str, listing: list[str], shard_size: int) -> tuple[list[InputShard], list[str] | None]:
+    rel = sorted(posixpath.relpath(p, root) for p in listing if _is_image(p))
     if not rel:
         raise InputError(f"input {root!r}: no image files ({', '.join(IMAGE_EXTS)}) found")
     classes = sorted({r.split("/", 1)[0] for r in rel if "/" in r})
@@ -124,53 +176,118 @@ def plan_inputs(cfg) -> tuple[list[InputShard], list[str] | None]:
         raise InputError(f"field 'input': {missing!r} does not exist")
     if len(paths) == 1 and fs.isdir(paths[0]):
         root = paths[0]
-        listing = sorted(fs.find(root, withdirs=False))
-        tars = [p for p in listing if p.endswith(".tar")]
-        parquets = [p for p in listing if p.endswith(".parquet")]
+        listing = _regular_files(fs, root)
+        tars = [p for p in listing if _kind(p) == "tar"]
+        parquets = [p for p in listing if _kind(p) == "parquet"]
         if tars and not parquets:
             paths = tars
         elif parquets and not tars:
             paths = parquets
         else:
-            return _plan_folder(fs, root, cfg.shard_size)
-    if all(p.endswith(".tar") for p in paths):
+            return _plan_folder(fs, root, listing, cfg.shard_size)
+    elif special := next((p for p in paths if _file_type(fs, p) == "other"), None):
+        raise InputError(f"field 'input': {special!r} is not a regular file")
+    if all(_kind(p) == "tar" for p in paths):
         return [InputShard(i, "tar", _url(fs, p)) for i, p in enumerate(paths)], None
-    if all(p.endswith(".parquet") for p in paths):
+    if all(_kind(p) == "parquet" for p in paths):
         return _plan_parquet(fs, paths, cfg), None
     raise InputError(f"field 'input': {cfg.input!r} is not an image folder, .tar shards or .parquet files")
 
 
-def _read_folder(shard: InputShard) -> Iterator[RawSample]:
+def _over_cap(size: int, cap: int) -> str:
+    return f"{size} bytes > max_image_bytes ({cap})"
+
+
+def _read_file(fs: fsspec.AbstractFileSystem, path: str, cap: int) -> bytes:
+    """The bytes of the image file at ``path``, read only if at most ``cap`` bytes; raises :class:`SkipImage`.
+
+    A local file is stat-ed first: over the cap, or no longer a regular file, it is never opened; any OS
+    error reading it is a skip (``unreadable``). Remote errors propagate: they may be transient."""
+    if not is_local(fs):
+        with fs.open(path, "rb") as f:
+            data = f.read(cap + 1)
+    else:
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise SkipImage(UNREADABLE, "not a regular file")
+            if st.st_size > cap:
+                raise SkipImage(TOO_LARGE, _over_cap(st.st_size, cap))
+            with open(path, "rb") as f:
+                data = f.read(cap + 1)
+        except OSError as e:
+            raise SkipImage(UNREADABLE, f"{type(e).__name__}: {e}") from None
+    if len(data) > cap:  # the file grew since it was stat-ed, or its size was unknown
+        raise SkipImage(TOO_LARGE, f"more than max_image_bytes ({cap}) bytes")
+    return data
+
+
+def _read_folder(shard: InputShard, cap: int) -> Iterator[RawSample]:
     fs, root = fsspec.core.url_to_fs(shard.location)
     for rel, label in shard.files:
-        with fs.open(posixpath.join(root, rel), "rb") as f:
-            yield RawSample(rel, f.read(), label)
+        try:
+            data = _read_file(fs, posixpath.join(root, rel), cap)
+        except SkipImage as e:
+            yield RawSample(rel, None, label, e.reason, e.detail)
+        else:
+            yield RawSample(rel, data, label)
+
+
+def _label(value: object) -> int | None:
+    """``value`` as a label: None or an integer in [-1, MAX_LABEL]; raises :class:`SkipImage` (``bad_label``)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and -1 <= value <= MAX_LABEL):
+        return value
+    raise SkipImage(BAD_LABEL, f"{str(value)[:40]!r} is not an integer in [-1, {MAX_LABEL}]")
+
+
+def _label_member(sample: dict, ext: str) -> bytes:
+    value = sample[ext]
+    if isinstance(value, Unread):
+        raise SkipImage(BAD_LABEL, f".{ext} member of {value.size} bytes")
+    return value
 
 
 def _tar_label(sample: dict) -> int | None:
+    """The label of a tar sample: its ``.cls`` member (decimal text), else the ``label`` of its ``.json``;
+    raises :class:`SkipImage` (``bad_label``)."""
     if "cls" in sample:
-        return int(sample["cls"].decode().strip())
+        text = _label_member(sample, "cls")
+        if not re.fullmatch(rb"\s*-?[0-9]{1,10}\s*", text):
+            raise SkipImage(BAD_LABEL, f".cls {text[:40]!r} is not a decimal integer")
+        return _label(int(text))
     if "json" in sample:
-        meta = json.loads(sample["json"])
-        if isinstance(meta, dict) and isinstance(meta.get("label"), int):
-            return meta["label"]
+        try:
+            meta = json.loads(_label_member(sample, "json"))
+        except (ValueError, RecursionError) as e:
+            raise SkipImage(BAD_LABEL, f".json does not parse: {e}") from None
+        return _label(meta.get("label")) if isinstance(meta, dict) else None
     return None
 
 
-def _read_tar(shard: InputShard) -> Iterator[RawSample]:
-    name = posixpath.basename(shard.location)
+def _tar_sample(source: str, sample: dict, cap: int) -> RawSample:
+    """A raw sample from a tar sample: its first member in IMAGE_EXTS order is the image."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return RawSample(source, None, None, NO_IMAGE)
+    try:
+        label = _tar_label(sample)
+    except SkipImage as e:
+        return RawSample(source, None, None, e.reason, e.detail)
+    if isinstance(sample[ext], Unread):
+        return RawSample(source, None, label, TOO_LARGE, _over_cap(sample[ext].size, cap))
+    return RawSample(source, sample[ext], label)
+
+
+def _read_tar(shard: InputShard, cap: int) -> Iterator[RawSample]:
+    name = _file_name(shard.location)
     with fsspec.open(shard.location, "rb") as f:
-        for sample in iter_tar(f, shard.location):
-            ext = next((e for e in IMAGE_EXTS if e in sample), None)
-            source = f"{name}/{sample['__key__']}"
-            if ext is None:
-                yield RawSample(source, None, None, NO_IMAGE)
-            else:
-                yield RawSample(source, sample[ext], _tar_label(sample))
+        samples = iter_tar(f, shard.location, input_tar=True, max_member_bytes=cap, keep=_TAR_MEMBERS.__contains__)
+        for sample in samples:
+            yield _tar_sample(f"{name}/{sample['__key__']}", sample, cap)
 
 
 def _read_parquet(shard: InputShard, cfg) -> Iterator[RawSample]:
-    name = posixpath.basename(shard.location)
+    name = _file_name(shard.location)
     with fsspec.open(shard.location, "rb") as f:
         pf = pq.ParquetFile(f)
         columns = [cfg.image_column]
@@ -188,10 +305,21 @@ def _read_parquet(shard: InputShard, cfg) -> Iterator[RawSample]:
     images = table.column(cfg.image_column).to_pylist()
     labels = table.column(cfg.label_column).to_pylist() if len(columns) > 1 else [None] * len(images)
     for row, (img, label) in enumerate(zip(images, labels, strict=True), start=shard.start):
-        data = img.get("bytes") if isinstance(img, dict) else img
-        if label is not None and not isinstance(label, int):
-            raise InputError(f"{shard.location} row {row}: field 'label_column': label {label!r} is not an integer")
-        yield RawSample(f"{name}#{row}", data, label)
+        yield _parquet_sample(f"{name}#{row}", img.get("bytes") if isinstance(img, dict) else img, label,
+                              cfg.max_image_bytes)
+
+
+def _parquet_sample(source: str, data: object, raw_label: object, cap: int) -> RawSample:
+    """A raw sample from a Parquet row's image value (bytes or None) and label value."""
+    try:
+        label = _label(raw_label)
+    except SkipImage as e:
+        return RawSample(source, None, None, e.reason, e.detail)
+    if data is not None and not isinstance(data, bytes):
+        return RawSample(source, None, label, UNDECODABLE, f"a {type(data).__name__} value, not bytes")
+    if data is not None and len(data) > cap:
+        return RawSample(source, None, label, TOO_LARGE, _over_cap(len(data), cap))
+    return RawSample(source, data, label)
 
 
 def _read_builtin(shard: InputShard) -> Iterator[RawSample]:
@@ -206,9 +334,9 @@ def _read_builtin(shard: InputShard) -> Iterator[RawSample]:
 def read_shard(shard: InputShard, cfg) -> Iterator[RawSample]:
     """Yield the raw samples of one input shard, in a fixed order."""
     if shard.kind == "folder":
-        return _read_folder(shard)
+        return _read_folder(shard, cfg.max_image_bytes)
     if shard.kind == "tar":
-        return _read_tar(shard)
+        return _read_tar(shard, cfg.max_image_bytes)
     if shard.kind == "parquet":
         return _read_parquet(shard, cfg)
     return _read_builtin(shard)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 import time
 from collections import deque
@@ -29,6 +30,8 @@ from kmim.tokenizers.assign import nearest
 from kmim.tokenizers.codebook import Codebook, load_codebook
 from kmim.tokenizers.extractors import build_extractor
 
+log = logging.getLogger("kmim")
+
 
 def json_digest(obj) -> str:
     """24-hex-digit sha256 of ``obj`` as canonical JSON: a stable name for a set of settings."""
@@ -49,12 +52,16 @@ def token_dtype(k: int) -> np.dtype:
 
 
 def _decode_one(raw: RawSample, pre: Preprocess) -> tuple[RawSample, View | None, str | None]:
+    """(raw, view, None), or (raw, None, skip reason) with a warning naming the input and why it is skipped."""
     if raw.skip is not None:
-        return raw, None, raw.skip
-    try:
-        return raw, decode_view(raw.data or b"", pre), None
-    except SkipImage as e:
-        return raw, None, e.reason
+        reason, detail = raw.skip, raw.detail
+    else:
+        try:
+            return raw, decode_view(raw.data or b"", pre), None
+        except SkipImage as e:
+            reason, detail = e.reason, e.detail
+    log.warning("skipped %s: %s%s", raw.source, reason, f" ({detail})" if detail else "")
+    return raw, None, reason
 
 
 def _decoded(shard: InputShard, cfg) -> Iterator[tuple[RawSample, View | None, str | None]]:
@@ -170,7 +177,7 @@ def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> 
             counts.setdefault(label, np.zeros(book.k, np.int64))
             counts[label] += np.bincount(grid.ravel(), minlength=book.k)
             meta = {"key": key, "source": raw.source, "label": raw.label, "view": view.geometry}
-            writer.write({"__key__": key, view.ext: raw.data, "tokens.npy": encode_npy(grid),
+            writer.write({"__key__": key, view.ext: view.data, "tokens.npy": encode_npy(grid),
                           "json": json.dumps(meta, sort_keys=True).encode()})
         timing["extract"] += t1 - t0
         timing["assign"] += t2 - t1

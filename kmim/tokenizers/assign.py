@@ -5,12 +5,21 @@ centroids. ``nearest(..., exact=True)`` bounds that rounding error per row and r
 best candidates are closer than twice the bound: first by a float64 GEMM (cheap), then, for the rare
 rows still within float64's bound, by direct float64 differences; the result is then exactly the
 brute-force argmin (lowest index on ties).
+
+The bound holds for IEEE float32 products only: TF32 (CUDA) or bfloat16 (oneDNN on CPUs with AMX or
+AVX512-BF16) matmuls, which ``torch.set_float32_matmul_precision("high"/"medium")`` or
+``torch.backends.cuda.matmul.allow_tf32 = True`` switch on process-wide, would void it, so
+:func:`nearest` runs under :func:`ieee_fp32`. CUDA tensors stay on their device (torch GEMM); every
+intermediate is processed in chunks of bounded size.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 import numpy as np
@@ -18,8 +27,45 @@ import torch
 
 _ROUNDOFF = 2.0**-24  # float32 unit roundoff
 _GEMM_ELEMS = 1 << 25  # rows x K per GEMM chunk (128 MiB of float32 distances)
-_EXACT_ELEMS = 1 << 24  # rows x K x D per float64 recompute block
+_REFINE_ELEMS = 1 << 24  # rows x K per float64 GEMM chunk of the refinement (128 MiB of float64 distances)
+_EXACT_ELEMS = 1 << 24  # rows x centroids x D per float64 direct-difference block (128 MiB)
 _choice: dict[tuple, str] = {}
+
+
+def _precision_switches() -> list:
+    """The per-backend float32 matmul precision settings (``fp32_precision``) of torch >= 2.9: cuBLAS and oneDNN."""
+    switches = []
+    for switch in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)):
+        try:
+            switch.fp32_precision  # noqa: B018 - probing: older torch raises AttributeError
+        except AttributeError:
+            continue
+        switches.append(switch)
+    return switches
+
+
+@contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Within the block, float32 matmuls use IEEE float32 (no TF32 on CUDA, no bfloat16 on oneDNN CPUs);
+    the process's settings are restored on exit.
+
+    Sets both of torch's interfaces consistently: the legacy ``set_float32_matmul_precision`` (which also
+    drives ``torch.backends.cuda.matmul.allow_tf32``) and, on torch >= 2.9, the per-backend
+    ``fp32_precision`` (torch refuses mixed settings when it reads them). These are process-wide: a matmul
+    another thread runs meanwhile is IEEE too, and a thread changing them meanwhile races with the restore.
+    """
+    switches = _precision_switches()
+    saved = [s.fp32_precision for s in switches]
+    for s in switches:  # all "ieee" first: the legacy getter refuses a mix of the two interfaces
+        s.fp32_precision = "ieee"
+    legacy = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(legacy)
+        for s, value in zip(switches, saved, strict=True):
+            s.fp32_precision = value
 
 
 @cache
@@ -67,8 +113,6 @@ def _scores_faiss(x: torch.Tensor, c: torch.Tensor, metric: str, n: int) -> tupl
 
 
 def _pick_method(x: torch.Tensor, c: torch.Tensor, metric: str) -> str:
-    if x.is_cuda:
-        return "torch"
     key = (c.shape[0], c.shape[1], metric)
     if key not in _choice:
         probe = x[: min(x.shape[0], 8192)]
@@ -84,15 +128,26 @@ def _pick_method(x: torch.Tensor, c: torch.Tensor, metric: str) -> str:
 
 def _exact(x: torch.Tensor, c: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Brute force in float64 by direct per-pair reduction (no GEMM, whose rounding depends on blocking):
-    score and argmin (first index on ties) over all centroids."""
-    x64, c64 = x.double()[:, None, :], c.double()[None]
-    step = max(1, _EXACT_ELEMS // max(1, x.shape[0] * c.shape[1]))
-    if metric == "ip":
-        parts = [-(x64 * c64[:, i:i + step]).sum(-1) for i in range(0, c.shape[0], step)]
-    else:
-        parts = [((x64 - c64[:, i:i + step]) ** 2).sum(-1) for i in range(0, c.shape[0], step)]
-    v, i = torch.cat(parts, dim=1).min(dim=1)
-    return v.float(), i
+    score float32 [N] and argmin int64 [N] (first index on ties) over all centroids.
+
+    Blocks of rows x centroids x D <= _EXACT_ELEMS (at least one pair); a pair's value does not depend
+    on its block, and a later block takes a row only where it is strictly better (lowest index on ties).
+    """
+    k, d = c.shape
+    cols = min(k, max(1, _EXACT_ELEMS // d))
+    rows = max(1, _EXACT_ELEMS // (cols * d))
+    c64 = c.double()
+    best_v = torch.full((x.shape[0],), math.inf, dtype=torch.float64, device=x.device)
+    best_i = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    for r in range(0, x.shape[0], rows):
+        xb, v, i = x[r:r + rows].double()[:, None, :], best_v[r:r + rows], best_i[r:r + rows]
+        for j in range(0, k, cols):
+            cb = c64[None, j:j + cols]
+            s = -(xb * cb).sum(-1) if metric == "ip" else ((xb - cb) ** 2).sum(-1)
+            block_v, block_i = s.min(dim=1)
+            better = block_v < v
+            v[better], i[better] = block_v[better], block_i[better] + j
+    return best_v.float(), best_i
 
 
 def _gamma(d: int, roundoff: float) -> float:
@@ -109,36 +164,54 @@ def _bound(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
 def _refine(x: torch.Tensor, c: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact (score, argmin) for rows the float32 search could not separate.
 
-    A float64 GEMM settles nearly all of them; a row whose float64 gap is still within the bound of
-    both float64 computations (GEMM and direct) goes to the direct per-pair reduction.
+    A float64 GEMM (chunks of rows x K <= _REFINE_ELEMS) settles nearly all of them; a row whose float64
+    gap is still within the bound of both float64 computations (GEMM and direct) goes to the direct
+    per-pair reduction.
     """
-    x64, c64 = x.double(), c.double()
-    s = -(x64 @ c64.T)
-    if metric == "l2":
-        s = s.mul_(2).add_((c64 * c64).sum(1)).add_((x64 * x64).sum(1, keepdim=True))
-    vals, idxs = torch.topk(s, 2, dim=1, largest=False, sorted=True)
-    score, best = vals[:, 0].float(), idxs[:, 0].clone()
-    err = _gamma(c.shape[1], 2.0**-53) * _bound(x64, c64, metric)
-    unsure = torch.nonzero(vals[:, 1] - vals[:, 0] <= 4 * err * 1.01).flatten()
-    if unsure.numel():
-        score[unsure], best[unsure] = _exact(x[unsure], c, metric)
+    c64 = c.double()
+    c_sq = (c64 * c64).sum(1) if metric == "l2" else None
+    gamma = _gamma(c.shape[1], 2.0**-53)
+    step = max(1, _REFINE_ELEMS // c.shape[0])
+    scores, bests, unsure = [], [], []
+    for start in range(0, x.shape[0], step):
+        xb = x[start:start + step].double()
+        s = -(xb @ c64.T)
+        if metric == "l2":
+            s = s.mul_(2).add_(c_sq).add_((xb * xb).sum(1, keepdim=True))
+        v, i = torch.topk(s, 2, dim=1, largest=False, sorted=True)
+        scores.append(v[:, 0].float())
+        bests.append(i[:, 0])
+        unsure.append(v[:, 1] - v[:, 0] <= 4 * gamma * _bound(xb, c64, metric) * 1.01)
+    score, best = torch.cat(scores), torch.cat(bests)
+    rows = torch.nonzero(torch.cat(unsure)).flatten()
+    if rows.numel():
+        score[rows], best[rows] = _exact(x[rows], c, metric)
     return score, best
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", method: str = "auto",
             exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid for each row.
+    """Nearest centroid for each row, on x's device.
 
     x float32 [N, D]; centroids float32 [K, D] (K >= 2). Returns (index int64 [N], score float32 [N]),
     score = squared Euclidean distance (``metric="l2"``) or negated inner product (``metric="ip"``).
-    ``method`` is "faiss", "torch" or "auto" (time both once per shape and keep the faster).
+    ``method`` is "faiss", "torch" or "auto" (time both once per shape and keep the faster); it only picks
+    the CPU backend: CUDA tensors always use the torch GEMM on their device (exact tokens are the same).
+    Float32 matmuls run in IEEE float32 whatever the global precision settings (see :func:`ieee_fp32`).
     """
     x, c = x.float().contiguous(), centroids.float().contiguous().to(x.device)
-    if method == "auto":
+    with ieee_fp32():
+        return _nearest(x, c, metric, method, exact)
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor, metric: str, method: str,
+             exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.is_cuda:
+        method = "torch"
+    elif method == "auto":
         method = _pick_method(x, c, metric)
     fn = _scores_faiss if method == "faiss" else _scores_torch
     vals, idxs = fn(x, c, metric, 2 if exact else 1)
-    vals, idxs = vals.to(x.device), idxs.to(x.device)
     best, score = idxs[:, 0].clone(), vals[:, 0].clone()
     if not exact:
         return best, score

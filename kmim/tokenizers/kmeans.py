@@ -5,7 +5,9 @@ process (:class:`LocalData`, used by :func:`fit_kmeans`) or be split into contig
 point index held by Ray actors (:mod:`kmim.pipeline.fit`). Each step, every range reports per-centroid
 sums and counts of its points in that step's mini-batch (:func:`batch_stats`); the loop reduces them
 (:func:`merge_stats`) and moves the centroids (:func:`apply_step`). Sums are float64, so the result does
-not depend on how the points are split beyond float64 rounding.
+not depend on how the points are split beyond float64 rounding. Nor on where it runs: assignment is exact on
+any device, backend or thread count, and k-means++ depends on neither the thread count nor, beyond float64
+rounding, the device (:func:`kmeans_plus_plus`).
 
 Deterministic for a seed: every random draw comes from one seeded ``torch.Generator`` on the driver and
 batches are a seeded permutation of the global index per epoch. ``metric="ip"`` is spherical k-means
@@ -17,12 +19,14 @@ later fit with the same settings and data resumes from it, ending bit-identical 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -33,11 +37,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kmim.datasets.shards import tmp_path
-from kmim.tokenizers.assign import nearest
+from kmim.tokenizers.assign import ieee_fp32, nearest
 
 logger = logging.getLogger("kmim")
 CHECKPOINT = "kmeans-state.safetensors"
 _CHECKPOINT_FORMAT = "kmim-kmeans/1"
+# k-means++ samples of fewer points x dims run the serial float32 loop: steps of under ~1 ms of work, where it
+# wins (16,384 x 256, K=128: 0.19 s, vs 0.36 s for the float64 loop on 1 thread and 0.39 s on 2, shared 2-core
+# VM; 20,480 x 384, K=256: 1.0 s vs 1.4 s and 1.3 s). benchmarks/gpu_check.py measures both on a GPU node's cores.
+_KPP_SERIAL_ELEMS = 1 << 22
+_KPP_CHUNK_ELEMS = 1 << 20  # points x dims per chunk of the float64 loop on the CPU (fixed: not per thread count)
 
 
 @dataclass
@@ -49,16 +58,28 @@ class KMeansResult:
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++: each step samples 2 + ln(k) candidates by D^2 and keeps the best one. [K, D].
+    """Greedy k-means++: each step samples 2 + ln(k) candidates by D^2 and keeps the best one. [K, D] on x's device.
 
-    Runs single-threaded: its K sequential steps are small ops where intra-op thread fork/join costs
-    more than the work (2.1 s vs 22.6 s for K=1024 on 20,480 points on a busy 2-core machine), and the
-    GEMM's rounding, hence which candidate wins, would otherwise depend on the thread count.
+    The loop is chosen by the sample's size alone, never by the device or the thread count:
+
+    - n * D < _KPP_SERIAL_ELEMS: float32 distances, single-threaded on the CPU (CUDA input is copied over).
+      Its K sequential steps are small ops where intra-op fork/join costs more than the work (2.1 s vs
+      22.6 s for K=1024 on 20,480 x 48 points on a busy 2-core machine), and a multi-threaded GEMM's
+      rounding, hence which candidate wins, would depend on the thread count.
+    - larger: float64 distances on x's device. On the CPU the points are cut into fixed chunks of
+      _KPP_CHUNK_ELEMS that torch's threads share (each chunk single-threaded, partial sums added in chunk
+      order), so the result does not depend on the thread count; CUDA computes the same float64 sums in
+      another order, so the two agree up to float64 rounding, the fit's own contract.
+
+    Random draws come from ``gen`` (a CPU generator) either way. Float32 matmuls run in IEEE float32.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _kmeans_plus_plus(x, k, gen)
+        with ieee_fp32():
+            if x.shape[0] * x.shape[1] < _KPP_SERIAL_ELEMS:
+                return _kmeans_plus_plus(x.cpu(), k, gen).to(x.device)
+            return _kmeans_plus_plus_f64(x, k, gen, threads)
     finally:
         torch.set_num_threads(threads)
 
@@ -85,6 +106,49 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Te
         best = int(new_closest.sum(1).argmin())
         closest = new_closest[best]
         chosen.append(idx[best:best + 1])
+    return x[torch.cat(chosen)].clone()
+
+
+def _kmeans_plus_plus_f64(x: torch.Tensor, k: int, gen: torch.Generator, threads: int) -> torch.Tensor:
+    """The same steps with float64 distances on x's device; CPU chunks run on ``threads`` threads."""
+    n, dev = x.shape[0], x.device
+    trials = 2 + int(math.log(k))
+    x64 = x.double()
+    x_sq = (x64 * x64).sum(1)
+    step = n if x.is_cuda else max(1, _KPP_CHUNK_ELEMS // x.shape[1])
+    chunks = [slice(lo, min(lo + step, n)) for lo in range(0, n, step)]
+    pool = ThreadPoolExecutor(min(threads, len(chunks))) if len(chunks) > 1 and threads > 1 else None
+
+    def candidates(idx: torch.Tensor, closest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min(closest, squared distance to each candidate) [t, N], its sum per candidate [t])."""
+        xc, xc_sq = x64[idx], x_sq[idx, None]
+        new = torch.empty(idx.numel(), n, dtype=torch.float64, device=dev)
+
+        def chunk(part: slice) -> torch.Tensor:
+            d = torch.addmm(x_sq[part], xc, x64[part].T, alpha=-2).add_(xc_sq).clamp_min_(0)
+            return torch.minimum(closest[part], d, out=new[:, part]).sum(1)
+
+        sums = list(pool.map(chunk, chunks) if pool else map(chunk, chunks))
+        return new, functools.reduce(torch.add, sums)  # in chunk order
+
+    try:
+        first = torch.randint(n, (1,), generator=gen).to(dev)
+        chosen = [first]
+        closest = candidates(first, torch.full((n,), math.inf, dtype=torch.float64, device=dev))[0][0]
+        for _ in range(1, k):
+            cum = torch.cumsum(closest, 0)
+            if cum[-1] <= 0:  # fewer distinct points than k: fill with random points
+                idx = torch.randint(n, (1,), generator=gen).to(dev)
+            else:
+                r = torch.rand(trials, generator=gen, dtype=torch.float64).to(dev) * cum[-1]
+                idx = torch.searchsorted(cum, r).clamp_(max=n - 1)
+            new, pots = candidates(idx, closest)
+            best = int(pots.argmin())
+            closest = new[best]
+            chosen.append(idx[best:best + 1])
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return x[torch.cat(chosen)].clone()
 
 
@@ -260,10 +324,10 @@ class Partition:
 
 
 class LocalData:
-    """All points in this process: one :class:`Partition`."""
+    """All points in this process: one :class:`Partition` (points on the CPU, assignment on ``device``)."""
 
-    def __init__(self, x: torch.Tensor, *, metric: str, method: str) -> None:
-        self.part = Partition(x, 0, metric=metric, method=method)
+    def __init__(self, x: torch.Tensor, *, metric: str, method: str, device: str | torch.device = "cpu") -> None:
+        self.part = Partition(x, 0, metric=metric, method=method, device=device)
         self.n, self.dim = x.shape
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -321,10 +385,11 @@ def load_checkpoint(directory: Path, settings: dict, epochs: int) -> KMeansState
 # ---- the loop -------------------------------------------------------------------------------------------
 
 
-def _init_state(data: FitData, k: int, seed: int, init_size: int, metric: str) -> KMeansState:
+def _init_state(data: FitData, k: int, seed: int, init_size: int, metric: str,
+                device: str | torch.device) -> KMeansState:
     gen = torch.Generator().manual_seed(seed)
     init_idx = torch.randperm(data.n, generator=gen)[:init_size]
-    centroids = kmeans_plus_plus(data.rows(init_idx), k, gen)
+    centroids = kmeans_plus_plus(data.rows(init_idx).to(device), k, gen).cpu()
     return KMeansState(_unit(centroids) if metric == "ip" else centroids, torch.zeros(k, dtype=torch.float64), gen)
 
 
@@ -349,10 +414,11 @@ def _run_epoch(data: FitData, state: KMeansState, batch_size: int, metric: str) 
 
 def run_minibatch(data: FitData, k: int, *, epochs: int, batch_size: int, seed: int, metric: str = "l2",
                   init_size: int | None = None, checkpoint: Path | None = None, data_digest: str | None = None,
-                  log_epoch: Callable[[dict], None] | None = None) -> KMeansResult:
+                  log_epoch: Callable[[dict], None] | None = None, device: str | torch.device = "cpu") -> KMeansResult:
     """Fit K centroids to the points of ``data`` (see the module docstring); resumable from ``checkpoint``.
 
-    ``data_digest`` identifies the points for the checkpoint (required with ``checkpoint``).
+    ``data_digest`` identifies the points for the checkpoint (required with ``checkpoint``). ``device`` is
+    where this process runs k-means++ (see :func:`kmeans_plus_plus`); ``data`` assigns on its own devices.
     """
     if data.n < k:
         raise ValueError(f"k-means needs at least k={k} points, got {data.n}")
@@ -363,7 +429,7 @@ def run_minibatch(data: FitData, k: int, *, epochs: int, batch_size: int, seed: 
         raise ValueError("a k-means checkpoint needs a data digest")
     state = load_checkpoint(checkpoint, settings, epochs) if checkpoint is not None else None
     if state is None:
-        state = _init_state(data, k, seed, init_size, metric)
+        state = _init_state(data, k, seed, init_size, metric, device)
     elif state.epoch:
         logger.info("k-means: resuming after epoch %d from %s", state.epoch, checkpoint)
     while state.epoch < epochs:
@@ -379,17 +445,23 @@ def run_minibatch(data: FitData, k: int, *, epochs: int, batch_size: int, seed: 
 
 def fit_kmeans(x: torch.Tensor, k: int, *, epochs: int, batch_size: int, seed: int, metric: str = "l2",
                method: str = "auto", init_size: int | None = None, checkpoint: Path | None = None,
-               data_digest: str | None = None, log: Callable[[dict], None] | None = None) -> KMeansResult:
-    """Fit K centroids to x float32 [N, D] in this process with mini-batch k-means.
+               data_digest: str | None = None, log: Callable[[dict], None] | None = None,
+               device: str | torch.device | None = None) -> KMeansResult:
+    """Fit K centroids to x float32 [N, D] (on the CPU) in this process with mini-batch k-means.
 
     Each epoch visits every point once in shuffled mini-batches; centroid j moves to the running mean
     of all points ever assigned to it (per-centroid learning rate 1/count). Centroids that got no point
     in an epoch are re-seeded to the farthest points of the epoch's last batch. Assignments are exact
     nearest centroids, so the fit does not depend on which search backend ran. With ``checkpoint`` (a
     directory), the state is saved every epoch and resumed from; ``data_digest`` defaults to the digest of x.
+
+    ``device`` (default: CUDA when available, else the CPU) runs k-means++ and the assignments; sums,
+    costs and centroid updates stay in float64 on the CPU. Assignments are exact and k-means++ agrees
+    across devices up to float64 rounding, so the device does not change the fit beyond that either.
     """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if checkpoint is not None and data_digest is None:
         data_digest = points_digest([part_digest(x.float().numpy())])
-    return run_minibatch(LocalData(x, metric=metric, method=method), k, epochs=epochs, batch_size=batch_size,
-                         seed=seed, metric=metric, init_size=init_size, checkpoint=checkpoint,
-                         data_digest=data_digest, log_epoch=log)
+    return run_minibatch(LocalData(x, metric=metric, method=method, device=device), k, epochs=epochs,
+                         batch_size=batch_size, seed=seed, metric=metric, init_size=init_size, checkpoint=checkpoint,
+                         data_digest=data_digest, log_epoch=log, device=device)
