@@ -349,3 +349,16 @@ def test_a_string_storage_options_in_a_config_file_is_never_echoed(tmp_path: Pat
 def test_check_manifest_accepts_what_kmim_writes(dataset: Path) -> None:
     manifest = json.loads((dataset / MANIFEST).read_text())
     assert check_manifest(manifest, "m") is manifest
+
+
+def test_a_foreign_codebook_in_the_output_is_refused(tmp_path: Path) -> None:
+    images = make_image_folder(tmp_path / "images", per_class=6)
+    other = tmp_path / "other"
+    run_job(load_config(None, job_overrides(out=str(other), input=str(images), k=6)))
+    out = tmp_path / "out"
+    cfg = load_config(None, job_overrides(out=str(out), input=str(images)))
+    run_job(cfg)
+    shutil.copy(other / CODEBOOK, out / CODEBOOK)
+    (out / MANIFEST).unlink()
+    with pytest.raises(ConfigError, match="field 'k' is 6 there, 8 here"):
+        run_job(cfg)

@@ -126,6 +126,18 @@ def _foreign(fs: AbstractFileSystem, root: str, names: list[str], tokenizer_id: 
     return foreign
 
 
+def _check_codebook_settings(book: Codebook, cfg: JobConfig, where: str) -> None:
+    """Refuse a codebook in the output that these settings did not fit (e.g. copied in from another job)."""
+    meta, kmeans = book.metadata, book.metadata.get("kmeans") or {}
+    expected = {"k": (book.k, meta.get("k")), "image_size": (meta.get("image_size"),),
+                "seed": (kmeans.get("seed"),), "kmeans_epochs": (kmeans.get("epochs"),),
+                "kmeans_batch_size": (kmeans.get("batch_size"),)}
+    for field, found in expected.items():
+        if any(v != getattr(cfg, field) for v in found):
+            raise ConfigError(f"{where} was not fitted with these settings: field '{field}' is {found[-1]!r} there, "
+                              f"{getattr(cfg, field)!r} here (remove it to refit, or use another --out)")
+
+
 def _codebook(cfg: JobConfig, shards: list[InputShard], fs: AbstractFileSystem, root: str, work: Path,
               present: set[str]) -> tuple[Codebook, bool]:
     """(codebook, whether it was fitted now): the output's if it has one, else fitted in ``work`` and uploaded."""
@@ -133,7 +145,9 @@ def _codebook(cfg: JobConfig, shards: list[InputShard], fs: AbstractFileSystem, 
     if CODEBOOK in present:
         if not is_local(fs):
             get_file(fs, join(root, CODEBOOK), path)
-        return load_codebook(path), False
+        book = load_codebook(path, url_of(fs, join(root, CODEBOOK)))
+        _check_codebook_settings(book, cfg, url_of(fs, join(root, CODEBOOK)))
+        return book, False
     book = _fit_codebook(cfg, shards, path)
     if not is_local(fs):
         put_verified(path, fs, join(root, CODEBOOK))
