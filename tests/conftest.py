@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +69,42 @@ def ray_local():
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@contextmanager
+def moto_s3(secret: str) -> Iterator[str]:
+    """A real S3 endpoint (moto's server) on 127.0.0.1, random port; the AWS environment (inherited by
+    subprocesses) points botocore at it, with ``secret`` as the secret access key."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+                        "KMIM_LEASE_TTL_S"):
+                mp.delenv(var, raising=False)
+            mp.setenv("AWS_ENDPOINT_URL", url)
+            mp.setenv("AWS_ACCESS_KEY_ID", "kmim-test-key")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", secret)
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(endpoint: str) -> Iterator[str]:
+    """A fresh bucket on the module's ``endpoint`` fixture, as ``s3://name``; s3fs's cached filesystems are
+    dropped around each test."""
+    import boto3
+    import s3fs
+
+    name = f"kmim-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield f"s3://{name}"
+    s3fs.S3FileSystem.clear_instance_cache()

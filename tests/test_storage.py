@@ -14,13 +14,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 import s3fs
 import torch
 from botocore.exceptions import ClientError
-from conftest import job_overrides, make_image_folder
-from moto.server import ThreadedMotoServer
+from conftest import job_overrides, make_image_folder, moto_s3
 from typer.testing import CliRunner
 
 from kmim import storage
@@ -39,32 +37,9 @@ SECRET = "kmim-test-secret-" + uuid.uuid4().hex  # must never show up anywhere
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    """A real S3 endpoint on 127.0.0.1 (random port); the AWS environment points botocore at it."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-            mp.delenv(var, raising=False)
-        mp.setenv("AWS_ENDPOINT_URL", url)
-        mp.setenv("AWS_ACCESS_KEY_ID", "kmim-test-key")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with moto_s3(SECRET) as url, pytest.MonkeyPatch.context() as mp:
         mp.setattr(storage, "BACKOFF_S", 0.01)
         yield url
-    server.stop()
-
-
-@pytest.fixture
-def bucket(endpoint: str) -> Iterator[str]:
-    """A fresh bucket, as ``s3://name``; s3fs's cached filesystems are dropped around each test."""
-    name = f"kmim-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield f"s3://{name}"
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
