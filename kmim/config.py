@@ -69,6 +69,8 @@ class JobConfig(BaseModel):
     decode_threads: int | None = Field(None, ge=1, description="threads decoding images in each worker "
                                        "(default: the CPUs the worker holds)")
     runner: Literal["ray", "local"] = "ray"
+    gpu_wait_s: float = Field(600.0, ge=0, description="with --device cuda on Ray: seconds to wait for a GPU worker "
+                              "to join the cluster before failing")
     ray_address: str | None = None
     max_in_flight: int | None = Field(None, ge=1, description="shard tasks in flight "
                                       "(default: 2 x CPUs; with GPU actors: 2 per actor)")
@@ -165,6 +167,9 @@ class JobConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_geometry(self) -> JobConfig:
+        if self.runner == "ray" and (self.device or "").startswith("cuda:"):
+            raise ValueError(f"field 'device': {self.device} names one GPU of this machine, but with runner 'ray' "
+                             "each GPU actor uses the GPU Ray assigned it: use --device cuda")
         if self.image_size % self.patch_size:
             raise ValueError(f"field 'image_size' ({self.image_size}) must be a multiple of field 'patch_size' "
                              f"({self.patch_size})")

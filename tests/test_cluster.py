@@ -1,9 +1,11 @@
 """Ray on a real multi-node cluster on one machine (``ray.cluster_utils.Cluster``, every node on 127.0.0.1).
 
-Two nodes of 1 CPU + 1 logical GPU each. There is no CUDA here, so extractors run on the CPU, but Ray schedules
-by the logical GPUs: a learned-extractor job takes the GPU actor-pool path (one actor per GPU, hence one per
-node), a pixel job the CPU-task path. Faults are real: a SIGKILL of the worker process running a shard task or
-of a GPU actor mid-job, and input shards that cannot be read.
+Two nodes of 1 CPU + 1 logical GPU each, and a driver without GPUs: the topology ``deploy/`` recommends. There is
+no CUDA here, so GPU actors run their ``cuda`` device on the CPU (``KMIM_LOGICAL_GPUS=cpu``), but Ray schedules
+by the logical GPUs: a learned-extractor job resolves device ``cuda`` and dtype bf16 on the driver and takes the
+GPU actor-pool path (one actor per GPU, hence one per node), a pixel job the CPU-task path. Faults are real: a
+SIGKILL of the worker process running a shard task or of a GPU actor mid-job, a CUDA error in an actor, and input
+shards that cannot be read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import secrets
 import shutil
 import signal
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +38,9 @@ from kmim.datasets.manifest import CODEBOOK, read_index, read_manifest
 from kmim.datasets.shards import ShardWriter, iter_tar
 from kmim.datasets.verify import verify_dataset
 from kmim.pipeline.job import run_job
-from kmim.pipeline.runners import ensure_ray
+from kmim.pipeline.runners import ensure_ray, map_shards
+from kmim.tokenizers.codebook import load_codebook
+from kmim.tokenizers.learned import LOGICAL_GPUS_ENV
 
 NODE = {"num_cpus": 1, "num_gpus": 1, "node_ip_address": "127.0.0.1"}
 
@@ -51,6 +56,7 @@ def cluster():
         mp.setenv("RAY_TMPDIR", ray_tmp)
         mp.setenv("RAY_AUTH_MODE", "token")
         mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        mp.setenv(LOGICAL_GPUS_ENV, "cpu")  # inherited by the nodes' workers
         reset_auth_token_state()
         c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
         try:
@@ -88,8 +94,9 @@ def data(tmp_path_factory) -> Path:
 def settings(data: Path, out: Path, extractor: str, **kw) -> dict:
     extra = {}
     if extractor == "dino":
+        # fp32, so the GPU actors (bf16 by default) compute what the in-process CPU reference does
         extra = {"extractor": "dino", "model": VIT16[1], "model_kwargs": json.dumps(VIT16[2]),
-                 "weights": str(data.parent / "vit.safetensors"), "patch_size": 16, "k": 6}
+                 "weights": str(data.parent / "vit.safetensors"), "patch_size": 16, "k": 6, "dtype": "fp32"}
     return job_overrides(out=str(out), input=str(data), **extra, **kw)
 
 
@@ -175,6 +182,48 @@ def test_job_over_two_nodes_gives_the_local_manifest(data: Path, tmp_path: Path,
     assert read_manifest(tmp_path / "out") == read_manifest(local["dino"])
 
 
+def test_driver_without_gpus_resolves_what_the_gpu_workers_compute(data: Path, tmp_path: Path, driver: str,
+                                                                   local: dict[str, Path]) -> None:
+    """dtype auto on a cluster with GPUs is bf16 for the driver's codebook metadata and every worker alike (the
+    workers refused every shard when the CPU-only driver resolved fp32 on its own)."""
+    cfg = settings(data, tmp_path / "out", "dino", runner="ray", ray_address=driver)
+    del cfg["dtype"]
+    summary = run_job(load_config(None, cfg))
+    assert summary["shards_written"] == 4 and verify_dataset(tmp_path / "out") == []
+    book = load_codebook(tmp_path / "out" / CODEBOOK)
+    assert book.metadata["dtype"] == "bf16" and load_codebook(local["dino"] / CODEBOOK).metadata["dtype"] == "fp32"
+    assert read_manifest(tmp_path / "out")["codebook"]["metadata"] == book.metadata
+
+
+def test_kmeans_workers_that_would_split_gpus_are_refused(data: Path, tmp_path: Path, driver: str) -> None:
+    cfg = settings(data, tmp_path / "out", "dino", runner="ray", ray_address=driver, kmeans_workers=3)
+    res = CliRunner().invoke(app, ["run", *[a for k, v in cfg.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
+    assert res.exit_code == 1 and "field 'kmeans_workers': 3 actors would split the cluster's 2 GPU(s)" in \
+        " ".join(res.output.split())
+    assert not (tmp_path / "out" / CODEBOOK).exists()
+
+
+def test_an_actor_with_a_cuda_error_is_replaced_and_its_item_retried(tmp_path: Path, driver: str,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    def fail_once_with_a_cuda_error(item: int, marks: str) -> int:  # nested: Ray ships it by value
+        """The first call anywhere raises what a broken CUDA context raises; every call returns its process id."""
+        import torch
+
+        mark = Path(marks) / "failed"
+        if not mark.exists():
+            mark.write_text(f"{item} {os.getpid()}")
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return os.getpid()
+
+    with caplog.at_level(logging.WARNING, logger="kmim"):
+        results = list(map_shards(fail_once_with_a_cuda_error, [0, 1, 2, 3], str(tmp_path), runner="ray",
+                                  desc="t", gpus=2, retries=1))
+    assert [error for _, _, error in results] == [None] * 4
+    assert "hit a CUDA error" in caplog.text and "starting a replacement" in caplog.text
+    item, broken = map(int, (tmp_path / "failed").read_text().split())
+    assert dict((i, pid) for i, pid, _ in results)[item] != broken  # retried on another process
+
+
 @pytest.mark.parametrize(("extractor", "victim", "logged"), [
     # The worker process running a pixel shard task is SIGKILLed mid-job; the task runs again elsewhere.
     ("pixel", "ray::tokenize_shard", ("WorkerCrashedError", "retrying (attempt 2 of 3)")),
@@ -207,10 +256,10 @@ def test_failing_shards_are_reported_with_reason_and_attempts(tmp_path: Path, dr
     w.close()
     w.commit()
     (tars / "b.tar").mkdir()  # listed as an input shard, unreadable as a file
-    w = ShardWriter(tars / "c.tar")
-    w.write({"__key__": "bad/name", "png": b"x"})
-    w.close()
-    w.commit()
+    with tarfile.open(tars / "c.tar", "w") as tar:  # a symlink member breaks the tar contract
+        link = tarfile.TarInfo("s0.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
     cfg = job_overrides(out=str(tmp_path / "out"), input=str(tars / "{a,b,c}.tar"), runner="ray",
                         ray_address=driver, task_retries=1, fit_images=16, fit_patches=100)
     res = CliRunner().invoke(app, ["run", *[a for k, v in cfg.items() for a in (f"--{k.replace('_', '-')}", str(v))]])

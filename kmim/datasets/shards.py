@@ -165,8 +165,9 @@ def iter_tar(fileobj: IO[bytes], name: str = "<tar>", *, input_tar: bool = False
             if not member.isfile():
                 raise ShardError(f"{name}: member {member.name!r} is not a regular file")
             match = (_INPUT_MEMBER if input_tar else _MEMBER).match(member.name.removeprefix("./"))
-            if match is None:
-                raise ShardError(f"{name}: invalid member name {member.name!r} (expected key.ext, no paths)")
+            if match is None or {".", ".."} & set(match.group(1).split("/")):
+                layout = "[dir/]key.ext, no '.' or '..'" if input_tar else "key.ext, no paths"
+                raise ShardError(f"{name}: invalid member name {member.name!r} (expected {layout})")
             key, ext = match.groups()
             ext = ext.lower() if input_tar else ext
             if current is None or current["__key__"] != key:

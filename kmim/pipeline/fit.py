@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from kmim.datasets.shards import tmp_path
-from kmim.pipeline.runners import ensure_ray, map_shards
+from kmim.pipeline.runners import cpus_per_gpu, ensure_ray, map_shards
 from kmim.pipeline.sources import InputShard
 from kmim.pipeline.stages import json_digest, preprocess_of, sample_fit_features
 from kmim.tokenizers.extractors import build_extractor
@@ -36,6 +36,7 @@ from kmim.tokenizers.kmeans import (
     points_digest,
     run_minibatch,
 )
+from kmim.tokenizers.learned import torch_device
 
 
 class FitError(RuntimeError):
@@ -103,10 +104,11 @@ class PartitionWorker:
     Filled part by part (:meth:`add_chunk`, :meth:`add_shard`; calls run in submission order), then
     :meth:`build` keeps the sampled rows and fixes the range's global offset."""
 
-    def __init__(self, metric: str, method: str, threads: int) -> None:
+    def __init__(self, metric: str, method: str, threads: int, device: str) -> None:
         torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)))))
         self.metric, self.method = metric, method
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # An actor without a GPU of its own stays on the CPU even on a GPU node, where it could see every GPU.
+        self.device = torch_device(device)
         self.parts: list[np.ndarray] = []
         self.part: Partition | None = None
 
@@ -152,16 +154,18 @@ class RayData:
     """
 
     def __init__(self, items: Sequence[Any], *, workers: int, metric: str = "l2", method: str = "auto",
-                 cfg=None, sample: FitSample | None = None) -> None:
+                 cfg=None, sample: FitSample | None = None, gpu: bool = False) -> None:
         import ray
 
         runs = [r for r in np.array_split(np.arange(len(items)), min(workers, len(items))) if r.size]
-        res = ray.cluster_resources()
-        cpus, gpus = float(res.get("CPU", 1)) / len(runs), float(res.get("GPU", 0)) / len(runs)
-        # Reserve at most one CPU each, so any number of actors fits on any cluster; threads use their share.
-        actor = ray.remote(PartitionWorker).options(num_cpus=min(cpus, 1.0), num_gpus=min(gpus, 1.0),
-                                                    scheduling_strategy="SPREAD", max_restarts=0)
-        self.actors = [actor.remote(metric, method, max(1, int(cpus))) for _ in runs]
+        if gpu:  # one whole GPU and its node's CPU share per actor (see runners.cpus_per_gpu)
+            cpus = cpus_per_gpu()
+            actor = ray.remote(PartitionWorker).options(num_cpus=cpus, num_gpus=1, max_restarts=0)
+        else:  # at most one CPU each, so any number of actors fits on any cluster; threads use their share
+            cpus = float(ray.cluster_resources().get("CPU", 1)) / len(runs)
+            actor = ray.remote(PartitionWorker).options(num_cpus=min(cpus, 1.0), num_gpus=0,
+                                                        scheduling_strategy="SPREAD", max_restarts=0)
+        self.actors = [actor.remote(metric, method, max(1, int(cpus)), "cuda" if gpu else "cpu") for _ in runs]
         rows = self._fill(items, runs, cfg, sample)
         keep = subsample(rows, sample.limit, cfg.seed) if sample is not None else [None] * len(rows)
         kept = [n if k is None else k.size for n, k in zip(rows, keep, strict=True)]
@@ -265,6 +269,7 @@ def _too_few(points: int, k: int) -> None:
 
 
 def _fit_local(cfg, sample: FitSample, metric: str, checkpoint: Path, log: Callable[[dict], None]) -> FitOutcome:
+    """In this process; the k-means runs on the extractor's device (pixel: CUDA when available)."""
     parts = []
     for shard, feats, error in map_shards(shard_features, list(sample.shards), cfg, sample, runner="local",
                                           desc="sample features"):
@@ -277,19 +282,21 @@ def _fit_local(cfg, sample: FitSample, metric: str, checkpoint: Path, log: Calla
     _too_few(x.shape[0], cfg.k)
     digest = points_digest([part_digest(p) for p in parts])
     result = fit_kmeans(x, cfg.k, epochs=cfg.kmeans_epochs, batch_size=cfg.kmeans_batch_size, seed=cfg.seed,
-                        metric=metric, method=cfg.assign, checkpoint=checkpoint, data_digest=digest, log=log)
+                        metric=metric, method=cfg.assign, checkpoint=checkpoint, data_digest=digest, log=log,
+                        device=torch_device(cfg.device) if cfg.device else None)
     return FitOutcome(result, x.shape[0], x.shape[1], digest)
 
 
-def _fit_ray(cfg, sample: FitSample, metric: str, checkpoint: Path, log: Callable[[dict], None]) -> FitOutcome:
+def _fit_ray(cfg, sample: FitSample, metric: str, checkpoint: Path, log: Callable[[dict], None],
+             gpus: int) -> FitOutcome:
     import ray
 
     ensure_ray(cfg.ray_address)
-    res = ray.cluster_resources()
-    # Without GPUs, one single-threaded actor per CPU samples the fit features in parallel (sampling is
-    # decode-bound); past ~16 actors the per-step gather of every actor costs more than it saves.
-    workers = cfg.kmeans_workers or int(res.get("GPU", 0)) or max(1, min(16, int(res.get("CPU", 1))))
-    with RayData(sample.shards, workers=workers, metric=metric, method=cfg.assign, cfg=cfg, sample=sample) as data:
+    # With GPUs, one actor per GPU; without, one single-threaded actor per CPU samples the fit features in
+    # parallel (sampling is decode-bound); past ~16 actors the per-step gather costs more than it saves.
+    workers = cfg.kmeans_workers or gpus or max(1, min(16, int(ray.cluster_resources().get("CPU", 1))))
+    with RayData(sample.shards, workers=workers, metric=metric, method=cfg.assign, cfg=cfg, sample=sample,
+                 gpu=gpus > 0) as data:
         _too_few(data.n, cfg.k)
         result = run_minibatch(data, cfg.k, epochs=cfg.kmeans_epochs, batch_size=cfg.kmeans_batch_size,
                                seed=cfg.seed, metric=metric, checkpoint=checkpoint, data_digest=data.digest,
@@ -297,11 +304,12 @@ def _fit_ray(cfg, sample: FitSample, metric: str, checkpoint: Path, log: Callabl
         return FitOutcome(result, data.n, data.dim, data.digest)
 
 
-def fit_sample_kmeans(cfg, sample: FitSample, *, metric: str, checkpoint: Path,
-                      log: Callable[[dict], None]) -> FitOutcome:
+def fit_sample_kmeans(cfg, sample: FitSample, *, metric: str, checkpoint: Path, log: Callable[[dict], None],
+                      gpus: int = 0) -> FitOutcome:
     """Sample the fit features and fit ``cfg.k`` centroids with ``cfg.runner``: in this process (local) or with
-    ``cfg.kmeans_workers`` Ray actors (ray). Both run the same algorithm on the same points, checkpointing
-    every epoch into ``checkpoint`` and resuming from it."""
+    ``cfg.kmeans_workers`` Ray actors (ray; one whole GPU each when ``gpus``, the job's GPU actors, is not 0).
+    Both run the same algorithm on the same points, checkpointing every epoch into ``checkpoint`` and resuming
+    from it. ``cfg`` holds resolved settings (:func:`kmim.pipeline.compute.resolve_compute`)."""
     if cfg.runner == "local":
         return _fit_local(cfg, sample, metric, checkpoint, log)
-    return _fit_ray(cfg, sample, metric, checkpoint, log)
+    return _fit_ray(cfg, sample, metric, checkpoint, log, gpus)

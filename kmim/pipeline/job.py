@@ -40,6 +40,7 @@ from kmim.datasets.manifest import (
     shard_name,
     write_manifest,
 )
+from kmim.pipeline.compute import Compute, resolve_compute
 from kmim.pipeline.fit import FitError, FitSample, fit_sample_kmeans
 from kmim.pipeline.lock import hold_output
 from kmim.pipeline.runners import map_shards
@@ -64,9 +65,10 @@ from kmim.tokenizers.metrics import dataset_report
 
 log = logging.getLogger("kmim")
 # Settings that do not change any output byte; everything else must match to resume into a directory.
+# ``device`` neither: where features are computed changes no token beyond float rounding; ``dtype`` does.
 _NOT_MATERIAL = {"out", "storage_options", "staging", "runner", "ray_address", "max_in_flight", "batch_size",
-                 "assign", "feature_cache", "task_retries", "kmeans_workers",
-                 "decode_threads"}
+                 "assign", "feature_cache", "task_retries", "kmeans_workers", "decode_threads", "gpu_wait_s",
+                 "device"}
 
 
 class JobError(RuntimeError):
@@ -139,7 +141,7 @@ def _check_codebook_settings(book: Codebook, cfg: JobConfig, where: str) -> None
 
 
 def _codebook(cfg: JobConfig, shards: list[InputShard], fs: AbstractFileSystem, root: str, work: Path,
-              present: set[str]) -> tuple[Codebook, bool]:
+              present: set[str], gpus: int) -> tuple[Codebook, bool]:
     """(codebook, whether it was fitted now): the output's if it has one, else fitted in ``work`` and uploaded."""
     path = work / CODEBOOK
     if CODEBOOK in present:
@@ -148,18 +150,16 @@ def _codebook(cfg: JobConfig, shards: list[InputShard], fs: AbstractFileSystem, 
         book = load_codebook(path, url_of(fs, join(root, CODEBOOK)))
         _check_codebook_settings(book, cfg, url_of(fs, join(root, CODEBOOK)))
         return book, False
-    book = _fit_codebook(cfg, shards, path)
+    book = _fit_codebook(cfg, shards, path, gpus)
     if not is_local(fs):
         put_verified(path, fs, join(root, CODEBOOK))
     return book, True
 
 
-def _wants_gpu(cfg: JobConfig) -> bool:
-    return cfg.extractor != "pixel" and cfg.device != "cpu"
-
-
-def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path) -> Codebook:
-    extractor = build_extractor(cfg)
+def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: int) -> Codebook:
+    # Metadata and metric only; on a Ray driver (often without a GPU) the model is built on the CPU, with the
+    # resolved dtype, so the codebook records what the workers' features really are.
+    extractor = build_extractor(cfg if cfg.runner == "local" else cfg.model_copy(update={"device": "cpu"}))
     per_shard = max(64, math.ceil(cfg.fit_images / len(shards)))
     n_fit = min(len(shards), math.ceil(cfg.fit_images / per_shard))
     chosen = sorted({int(round(i)) for i in np.linspace(0, len(shards) - 1, n_fit)})
@@ -169,7 +169,7 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path) -> Codeb
     checkpoint = path.parent / "kmeans-checkpoint"  # epochs done survive a crash; removed with the codebook
     t0 = time.perf_counter()
     try:
-        fit = fit_sample_kmeans(cfg, sample, metric=extractor.metric, checkpoint=checkpoint,
+        fit = fit_sample_kmeans(cfg, sample, metric=extractor.metric, checkpoint=checkpoint, gpus=gpus,
                                 log=lambda s: log.info("k-means epoch %(epoch)d: inertia/point %(inertia).4f, "
                                                        "utilization %(utilization).3f", s))
     except FitError as e:
@@ -207,19 +207,21 @@ def run_job(cfg: JobConfig) -> dict:
     when another run holds the output."""
     t_start = time.perf_counter()
     shards, labels = plan_inputs(cfg)
+    compute = resolve_compute(cfg)
     fs, root = open_url(cfg.out, cfg.storage_options)
     work = Path(root) if is_local(fs) else staging_dir(cfg.out, cfg.staging)
     work.mkdir(parents=True, exist_ok=True)
     with hold_output(fs, root):
-        return _run(cfg, shards, labels, fs, root, work, t_start)
+        return _run(compute, shards, labels, fs, root, work, t_start)
 
 
-def _run(cfg: JobConfig, shards: list[InputShard], labels: list[str] | None, fs: AbstractFileSystem, root: str,
+def _run(compute: Compute, shards: list[InputShard], labels: list[str] | None, fs: AbstractFileSystem, root: str,
          work: Path, t_start: float) -> dict:
-    """:func:`run_job` once it holds the output."""
+    """:func:`run_job` once it holds the output, with its resolved settings."""
+    cfg = compute.cfg
     _check_job_file(fs, root, cfg, shards)
     present = _outputs(fs, root, work)
-    book, fitted = _codebook(cfg, shards, fs, root, work, present)
+    book, fitted = _codebook(cfg, shards, fs, root, work, present, compute.gpus)
     book_ref, out_ref = (str(work / CODEBOOK), str(work)) if is_local(fs) else (join(cfg.out, CODEBOOK), cfg.out)
     finished = [shard_name(s.index) for s in shards if shard_name(s.index) in present]
     foreign = _foreign(fs, root, finished, book.tokenizer_id)
@@ -227,7 +229,7 @@ def _run(cfg: JobConfig, shards: list[InputShard], labels: list[str] | None, fs:
     failures, timing = [], {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
     for shard, stats, error in map_shards(tokenize_shard, todo, cfg, book_ref, out_ref, runner=cfg.runner,
                                           desc="tokenize", address=cfg.ray_address,
-                                          max_in_flight=cfg.max_in_flight, gpu=_wants_gpu(cfg),
+                                          max_in_flight=cfg.max_in_flight, gpus=compute.gpus,
                                           retries=cfg.task_retries):
         if error is not None:
             failures.append(f"{shard.describe()}: {error}")  # error says what, why, after how many attempts

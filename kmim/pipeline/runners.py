@@ -47,10 +47,20 @@ ITEMS_PER_ACTOR = 2
 log = logging.getLogger("kmim")
 
 
+def is_cuda_error(error: BaseException) -> bool:
+    """A CUDA error other than out-of-memory: the process's CUDA context may be broken for good, so the actor
+    that raised it is retired and its item retried on a fresh one."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    cuda_message = isinstance(error, RuntimeError) and str(error).startswith(("CUDA error", "CUDA driver error"))
+    return isinstance(error, torch.AcceleratorError) or cuda_message
+
+
 def _is_transient(error: BaseException) -> bool:
-    """Whether a stage error may pass on retry: memory errors, and I/O errors as :func:`kmim.storage.is_transient`
-    judges them (not a full disk, a read-only filesystem, a missing file or a denied permission)."""
-    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or is_transient(error)
+    """Whether a stage error may pass on retry: memory and CUDA errors, and I/O errors as
+    :func:`kmim.storage.is_transient` judges them (not a full disk, a read-only filesystem, a missing file or a
+    denied permission)."""
+    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or is_cuda_error(error) or is_transient(error)
 
 
 class ShardFailed(Exception):
@@ -140,14 +150,16 @@ class _TaskPool:
         """Nothing to release: tasks end by themselves."""
 
 
-def _cpus_per_gpu() -> int:
-    """CPUs each GPU actor holds: the smallest CPU-to-GPU ratio among GPU nodes (at least 1). Ray sets the
-    actor's thread count to it, and the stage decodes on that many threads."""
+def cpus_per_gpu() -> float:
+    """CPUs each GPU actor holds: the smallest CPU-to-GPU ratio among GPU nodes, whole when at least 1, else the
+    fraction (a node with fewer CPUs than GPUs must still schedule one actor per GPU). Ray sets the actor's
+    thread count from it, and the stage decodes on that many threads (at least one)."""
     import ray
 
-    ratios = [int(n["Resources"].get("CPU", 0) // n["Resources"]["GPU"]) for n in ray.nodes()
+    ratios = [n["Resources"].get("CPU", 0) / n["Resources"]["GPU"] for n in ray.nodes()
               if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
-    return max(1, min(ratios, default=1))
+    ratio = min(ratios, default=1.0)
+    return float(int(ratio)) if ratio >= 1 else ratio
 
 
 class _ActorPool:
@@ -156,7 +168,7 @@ class _ActorPool:
     def __init__(self, fn: Callable[..., Any], args: list, n: int, per_actor: int) -> None:
         import ray
 
-        self.cls = ray.remote(num_cpus=_cpus_per_gpu(), num_gpus=1, max_restarts=0)(_StageActor)
+        self.cls = ray.remote(num_cpus=cpus_per_gpu(), num_gpus=1, max_restarts=0)(_StageActor)
         self.init_args = (fn, *args)
         self.actors = [self.cls.remote(*self.init_args) for _ in range(n)]
         self.load = [0] * n
@@ -178,8 +190,10 @@ class _ActorPool:
 
         slot, actor = self.placed.pop(ref)
         self.load[slot] -= 1
-        if isinstance(error, ray.exceptions.RayActorError) and self.actors[slot] is actor:
-            log.warning("GPU actor %d died (%s); starting a replacement", slot, str(error).splitlines()[0])
+        broken = isinstance(error, ray.exceptions.RayActorError) or (error is not None and is_cuda_error(error))
+        if broken and self.actors[slot] is actor:
+            what = "died" if isinstance(error, ray.exceptions.RayActorError) else "hit a CUDA error"
+            log.warning("GPU actor %d %s (%s); starting a replacement", slot, what, str(error).splitlines()[0])
             ray.kill(actor, no_restart=True)
             self.actors[slot] = self.cls.remote(*self.init_args)
 
@@ -237,12 +251,12 @@ def _run_ray(pool: _TaskPool | _ActorPool, items: Sequence[Any], retries: int,
 
 
 def map_shards(fn: Callable[..., Any], items: Sequence[Any], *args: Any, runner: str, desc: str,
-               address: str | None = None, max_in_flight: int | None = None, gpu: bool = False,
+               address: str | None = None, max_in_flight: int | None = None, gpus: int = 0,
                retries: int = TASK_RETRIES) -> Iterator[tuple[Any, Any, BaseException | None]]:
     """Run ``fn(item, *args)`` for each item; yield (item, result, error) as each finishes.
 
-    ``error`` is None or a :class:`ShardFailed`; a failing item never stops the others. With ``gpu=True`` and
-    GPUs in the Ray cluster, items run on a pool of one GPU actor per GPU; otherwise as CPU tasks (see the
+    ``error`` is None or a :class:`ShardFailed`; a failing item never stops the others. With ``gpus`` > 0 (on
+    Ray), items run on a pool of that many GPU actors, one whole GPU each; otherwise as CPU tasks (see the
     module docstring for bounds and retries). Progress (items, rate, ETA) goes to stderr.
     """
     bar = tqdm(total=len(items), desc=desc, unit="shard", dynamic_ncols=True)
@@ -256,7 +270,6 @@ def map_shards(fn: Callable[..., Any], items: Sequence[Any], *args: Any, runner:
             ensure_ray(address)
             resources = ray.cluster_resources()
             shared = [ray.put(a) for a in args]
-            gpus = int(resources.get("GPU", 0)) if gpu else 0
             if gpus:
                 per_actor = -(-max_in_flight // gpus) if max_in_flight else ITEMS_PER_ACTOR
                 pool = _ActorPool(fn, shared, gpus, per_actor)

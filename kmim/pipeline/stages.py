@@ -12,7 +12,7 @@ import logging
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -95,6 +95,21 @@ def _batch_tensor(views: list[View]) -> torch.Tensor:
     return torch.from_numpy(np.stack([v.pixels for v in views])).permute(0, 3, 1, 2)
 
 
+def on_halves(fn: Callable[[list[View]], torch.Tensor], views: list[View]) -> torch.Tensor:
+    """``fn(views)``; a batch that runs the device out of memory is split in halves (recursively, down to one
+    image) and the halves' results concatenated along dim 0, instead of failing the shard on every retry."""
+    try:
+        return fn(views)
+    except torch.cuda.OutOfMemoryError:
+        if len(views) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("out of device memory on a batch of %d images; running it in halves", len(views))
+        half = len(views) // 2
+        return torch.cat([on_halves(fn, views[:half]), on_halves(fn, views[half:])])
+
+
 def sample_fit_features(shard: InputShard, cfg, n_images: int, patches_per_image: int) -> np.ndarray:
     """Patch features float32 [n, D] from the first ``n_images`` decodable images of the shard.
 
@@ -112,7 +127,7 @@ def sample_fit_features(shard: InputShard, cfg, n_images: int, patches_per_image
     out = []
     for start in range(0, len(views), cfg.batch_size):
         with torch.inference_mode():
-            feats = extractor(_batch_tensor(views[start:start + cfg.batch_size]))
+            feats = on_halves(lambda batch: extractor(_batch_tensor(batch)).cpu(), views[start:start + cfg.batch_size])
         feats = feats.reshape(feats.shape[0], -1, feats.shape[-1]).float().numpy()
         for f, key in zip(feats, keys[start:start + cfg.batch_size], strict=True):
             rng = np.random.default_rng([cfg.seed, int(key, 16)])
@@ -149,7 +164,7 @@ def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> 
     if differs:  # e.g. a weights file replaced between the fit and a resumed run
         raise ValueError(f"{codebook_path}: the extractor differs from the one the codebook was fitted with "
                          f"in {', '.join(differs)}; tokens would not match the codebook")
-    centroids = book.centroids
+    centroids = {book.centroids.device: book.centroids}  # copied once to the features' device (GPU actors)
     dtype = token_dtype(book.k)
     fs, root = open_url(out_dir, cfg.storage_options)
     out = Path(root) if is_local(fs) else staging_dir(out_dir, cfg.staging)
@@ -162,14 +177,26 @@ def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> 
     timing = {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
     pending: list[tuple[RawSample, View]] = []
 
-    def flush() -> None:
+    def tokens_of(views: list[View]) -> torch.Tensor:
+        """Token grids int64 [B, h, w] on the CPU; the search runs where the features are."""
         t0 = time.perf_counter()
         with torch.inference_mode():
-            feats = extractor(_batch_tensor([v for _, v in pending]))
+            feats = extractor(_batch_tensor(views))
+        if feats.is_cuda:
+            torch.cuda.synchronize(feats.device)  # so the phases' times are the GPU's
         t1 = time.perf_counter()
         b, h, w, d = feats.shape
-        tokens, _ = nearest(feats.reshape(-1, d), centroids, metric=extractor.metric, method=cfg.assign)
-        tokens = tokens.reshape(b, h, w).numpy().astype(dtype)
+        if feats.device not in centroids:
+            centroids[feats.device] = book.centroids.to(feats.device)
+        tokens, _ = nearest(feats.reshape(-1, d), centroids[feats.device], metric=extractor.metric,
+                            method=cfg.assign)
+        tokens = tokens.reshape(b, h, w).cpu()
+        timing["extract"] += t1 - t0
+        timing["assign"] += time.perf_counter() - t1
+        return tokens
+
+    def flush() -> None:
+        tokens = on_halves(tokens_of, [v for _, v in pending]).numpy().astype(dtype)
         t2 = time.perf_counter()
         for (raw, view), grid in zip(pending, tokens, strict=True):
             key = sample_key(raw.source)
@@ -179,8 +206,6 @@ def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> 
             meta = {"key": key, "source": raw.source, "label": raw.label, "view": view.geometry}
             writer.write({"__key__": key, view.ext: view.data, "tokens.npy": encode_npy(grid),
                           "json": json.dumps(meta, sort_keys=True).encode()})
-        timing["extract"] += t1 - t0
-        timing["assign"] += t2 - t1
         timing["write"] += time.perf_counter() - t2
         pending.clear()
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -90,16 +92,29 @@ class LearnedSpec:
                    cfg.image_size, cfg.patch_size)
 
 
-def _device(name: str) -> torch.device:
+LOGICAL_GPUS_ENV = "KMIM_LOGICAL_GPUS"
+
+
+def torch_device(name: str) -> torch.device:
+    """The torch device of a ``device`` setting (``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``).
+
+    ``cuda`` in a Ray GPU actor is the GPU Ray assigned it (Ray sets ``CUDA_VISIBLE_DEVICES``). Without CUDA a
+    ``cuda`` setting fails loudly, unless ``KMIM_LOGICAL_GPUS=cpu`` is set: then it runs on the CPU, which is
+    how tests and dry runs exercise the GPU topology with Ray's logical GPUs on CPU-only machines.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"field 'device': {name} requested but CUDA is not available on this machine")
+        if os.environ.get(LOGICAL_GPUS_ENV) == "cpu":
+            return torch.device("cpu")
+        raise ValueError(f"field 'device': {name} requested but CUDA is not available on this machine "
+                         f"(host {socket.gethostname()})")
     return torch.device(name)
 
 
 class LearnedExtractor:
-    """uint8 images [B, 3, image_size, image_size] -> float32 features [B, grid, grid, dim] on the CPU.
+    """uint8 images [B, 3, image_size, image_size] -> float32 features [B, grid, grid, dim] on :attr:`device`
+    (the nearest-centroid search then runs there too).
 
     Runs on ``device`` (CUDA when available by default) under bf16 autocast when ``dtype`` resolves to bf16
     (the default on CUDA; fp32 on CPU).
@@ -116,7 +131,7 @@ class LearnedExtractor:
         self.input_size = probe.stride * self.grid if spec.resample == "input" else probe.native_size
         self.backbone = fam.build(spec.model, kwargs, tag, spec.layer, self.input_size)
         fam.load(self.backbone, path, spec.model)
-        self.device = _device(spec.device)
+        self.device = torch_device(spec.device)
         self.backbone.module.eval().requires_grad_(False).to(self.device)
         self.bf16 = spec.dtype == "bf16" or (spec.dtype == "auto" and self.device.type == "cuda")
         self.model_grid = self.input_size // self.backbone.stride
@@ -162,7 +177,7 @@ class LearnedExtractor:
         feats = feats.permute(0, 2, 3, 1)
         if self.l2:
             feats = F.normalize(feats, dim=-1)
-        return feats.cpu().contiguous()
+        return feats.contiguous()
 
     def metadata(self) -> dict:
         return dict(self._metadata)
