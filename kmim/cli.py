@@ -90,8 +90,10 @@ def run(
                                      "(0 stem, 1..4) whose features are used \\[last]"),
     resample: str | None = typer.Option(None, help="align to the patch grid: input (resize the image to "
                                         "model_patch * grid) | bilinear | area (resample the feature map) \\[input]"),
-    dtype: str | None = typer.Option(None, help="auto | fp32 | bf16 (autocast) \\[auto: bf16 on CUDA, fp32 on CPU]"),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda[:N] \\[auto]"),
+    dtype: str | None = typer.Option(None, help="auto | fp32 | bf16 (autocast) \\[auto: bf16 when the job runs on "
+                                     "CUDA, fp32 on CPU; resolved once on the driver]"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda[:N] (cuda:N with --runner local only) \\[auto: "
+                                      "CUDA if the machine or the Ray cluster has GPUs]"),
     k: int | None = typer.Option(None, "--k", help="codebook size [50]"),
     image_size: int | None = typer.Option(None, help="resize shorter side + center crop [224]"),
     patch_size: int | None = typer.Option(None, help="patch size in pixels [16]"),
@@ -112,6 +114,8 @@ def run(
     batch_size: int | None = typer.Option(None, help="images per extraction batch [64]"),
     decode_threads: int | None = typer.Option(None, help="decoding threads per worker [the CPUs it holds]"),
     runner: str | None = typer.Option(None, help="ray | local [ray]"),
+    gpu_wait_s: float | None = typer.Option(None, help="with --device cuda on Ray: seconds to wait for a GPU "
+                                            "worker to join before failing [600]"),
     ray_address: str | None = typer.Option(None, help="join a Ray cluster (default: embedded, or RAY_ADDRESS)"),
     max_in_flight: int | None = typer.Option(None, help="shard tasks in flight [2 x CPUs; GPU actors: 2 each]"),
     task_retries: int | None = typer.Option(None, help="retries of a shard after a transient failure (worker, "

@@ -138,7 +138,7 @@ def test_job_fit_on_ray_actors_gives_the_local_codebook(image_folder: Path, tmp_
         cfg = load_config(None, job_overrides(out=str(tmp_path / name), input=str(image_folder), fit_images=256,
                                               kmeans_batch_size=128, **kw))
         (tmp_path / name).mkdir()
-        book = _fit_codebook(cfg, plan_inputs(cfg)[0], tmp_path / name / CODEBOOK)
+        book = _fit_codebook(cfg, plan_inputs(cfg)[0], tmp_path / name / CODEBOOK, gpus=0)
         assert not (tmp_path / name / "kmeans-checkpoint").exists()
         return book
 
