@@ -37,11 +37,11 @@ from common import CIFAR, emit, machine
 from torch.utils.data import DataLoader, Dataset
 
 from kmim.config import load_config
+from kmim.datasets.codebook import load_codebook
 from kmim.datasets.loader import IMAGENET_MEAN, IMAGENET_STD, TokenDataset, TokenLoader
 from kmim.datasets.preprocess import IMAGE_EXTS, Preprocess, decode_view
 from kmim.pipeline.job import run_job
 from kmim.tokenizers.assign import nearest
-from kmim.tokenizers.codebook import load_codebook
 from kmim.tokenizers.extractors import Extractor, build_extractor
 
 IMAGE, PATCH, K = 32, 4, 50

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import typer
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kmim.config import ConfigError, load_config
+from kmim.config import ConfigError, JobConfig, load_config
 from kmim.storage import redact_text
+from kmim.trainer.config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a tokenizer or a trained model.")
@@ -24,6 +30,58 @@ console = Console(stderr=True, soft_wrap=True)
 
 _STORAGE_HELP = ("key=value option of the fsspec filesystem, repeatable (e.g. endpoint_url=URL, profile=NAME, "
                  "anon=true); true/false become booleans. Default: the filesystem's usual environment and config")
+_CONFIG_HELP = "YAML file with the same settings (flags override it)"
+Command = TypeVar("Command", bound=Callable[..., None])
+
+
+def _base_type(annotation: Any) -> Any:
+    """``X`` of ``X | None``; any other annotation as it is."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _option_help(field: FieldInfo) -> str:
+    """A setting's help: its choices, description, and default (or that it is required), as plain text."""
+    base = _base_type(field.annotation)
+    choices = " | ".join(get_args(base)) + ":" if get_origin(base) is Literal else ""
+    if field.is_required():
+        default = "(required here or in --config)"
+    elif field.default is None or field.default_factory is not None:
+        default = ""  # the description says what happens without it
+    else:
+        shown = ("on" if field.default else "off") if base is bool else field.default
+        default = f"[default: {shown}]"
+    return escape(" ".join(part for part in (choices, field.description or "", default) if part))
+
+
+def _option(name: str, field: FieldInfo) -> inspect.Parameter:
+    """The typer option of setting ``name``: ``--name-with-dashes`` (bool: ``--x/--no-x``), parsed as bool, int or
+    float as typed and anything else (choices, JSON objects) as text for the model to validate, so that every
+    invalid value is reported naming its field. Its default is None: not given, the YAML file or the model
+    decides."""
+    flag = "--" + name.replace("_", "-")
+    base = _base_type(field.annotation)
+    kind = base if base in (bool, int, float) else str
+    decls = f"{flag}/--no-{flag[2:]}" if kind is bool else flag
+    option = typer.Option(None, decls, help=_option_help(field), show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None)
+
+
+def _settings_options(model: type[BaseModel], skip: tuple[str, ...] = ()) -> Callable[[Command], Command]:
+    """Give a command one option per field of ``model`` (but ``skip``) after its own parameters, all collected by
+    its ``**settings``: each setting is stated once, in the model."""
+
+    def add_options(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        settings = [_option(name, field) for name, field in model.model_fields.items() if name not in skip]
+        command.__signature__ = signature.replace(parameters=[*own, *settings])
+        return command
+
+    return add_options
 
 
 def _storage_options(items: list[str] | None) -> dict[str, str | bool] | None:
@@ -53,6 +111,16 @@ def _say(label: str, message: object, sep: str = ": ") -> None:
 
 
 @contextmanager
+def _invalid_config() -> Iterator[None]:
+    """A ConfigError (invalid settings, found before any work) as ``config error:`` and its message, exit status 2."""
+    try:
+        yield
+    except ConfigError as e:
+        _say("config error", e, sep="\n")
+        raise typer.Exit(2) from None
+
+
+@contextmanager
 def _reported(*errors: type[BaseException]) -> Iterator[None]:
     """Turn ``errors`` and any storage-service error (unreachable endpoint, no credentials) into one redacted
     ``error: ...`` line and exit status 1, instead of a traceback."""
@@ -69,76 +137,19 @@ def _reported(*errors: type[BaseException]) -> Iterator[None]:
 
 
 @app.command()
-def run(
-    out: str | None = typer.Option(None, help="output dataset directory or URL: s3://bucket/prefix, gs://..., "
-                                   "any fsspec URL (required here or in --config)"),
-    input: str | None = typer.Option(None, help="ImageFolder dir, tar shard(s)/brace pattern, Parquet; "
-                                        "default: built-in digits sample"),
-    config: Path | None = typer.Option(None, "--config", help="YAML file with the same settings"),
-    storage_option: list[str] | None = typer.Option(None, "--storage-option", help=_STORAGE_HELP),
-    staging: str | None = typer.Option(None, help="local working directory for a remote --out (codebook, shards "
-                                       "before upload) \\[~/.cache/kmim/staging/<digest of the URL>]"),
-    extractor: str | None = typer.Option(None, help="pixel | dino | clip \\[pixel]"),
-    model: str | None = typer.Option(None, help="dino: timm model name (vit_small_patch16_224.dino); "
-                                     "clip: open_clip model name (ViT-B-16, RN50x64)"),
-    model_kwargs: str | None = typer.Option(None, help="JSON object of architecture overrides: timm create_model "
-                                            "kwargs (dino), merged into the open_clip model config (clip)"),
-    weights: str | None = typer.Option(None, help="weights file (.safetensors/.pth), a local timm/open_clip/"
-                                       "Hugging Face cache directory, or an open_clip pretrained tag; never "
-                                       "downloaded \\[the default local caches]"),
-    layer: int | None = typer.Option(None, help="ViT block (negative = from the end) or ResNet CLIP stage "
-                                     "(0 stem, 1..4) whose features are used \\[last]"),
-    resample: str | None = typer.Option(None, help="align to the patch grid: input (resize the image to "
-                                        "model_patch * grid) | bilinear | area (resample the feature map) \\[input]"),
-    dtype: str | None = typer.Option(None, help="auto | fp32 | bf16 (autocast) \\[auto: bf16 when the job runs on "
-                                     "CUDA, fp32 on CPU; resolved once on the driver]"),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda[:N] (cuda:N with --runner local only) \\[auto: "
-                                      "CUDA if the machine or the Ray cluster has GPUs]"),
-    k: int | None = typer.Option(None, "--k", help="codebook size [50]"),
-    image_size: int | None = typer.Option(None, help="resize shorter side + center crop [224]"),
-    patch_size: int | None = typer.Option(None, help="patch size in pixels [16]"),
-    seed: int | None = typer.Option(None, help="[0]"),
-    normalize: str | None = typer.Option(None, help="pixel: imagenet | none \\[imagenet]; dino/clip features: "
-                                         "none | l2 \\[none]"),
-    norm_pix: bool | None = typer.Option(None, "--norm-pix/--no-norm-pix", help="per-patch normalization"),
-    kmeans_epochs: int | None = typer.Option(None, help="[20]"),
-    kmeans_batch_size: int | None = typer.Option(None, help="[8192]"),
-    kmeans_workers: int | None = typer.Option(None, help="Ray actors sampling and holding the k-means fit "
-                                              "sample (runner ray) \\[GPUs in the cluster, else CPUs up to 16]"),
-    fit_images: int | None = typer.Option(None, help="images sampled for the fit [10000]"),
-    fit_patches: int | None = typer.Option(None, help="patches sampled for the fit [200000]"),
-    assign: str | None = typer.Option(None, help="auto | faiss | torch \\[auto]"),
-    feature_cache: str | None = typer.Option(None, help="directory caching sampled fit features (fp16), "
-                                             "so repeated k-means experiments skip extraction"),
-    shard_size: int | None = typer.Option(None, help="samples per shard [1000]"),
-    batch_size: int | None = typer.Option(None, help="images per extraction batch [64]"),
-    decode_threads: int | None = typer.Option(None, help="decoding threads per worker [the CPUs it holds]"),
-    runner: str | None = typer.Option(None, help="ray | local [ray]"),
-    gpu_wait_s: float | None = typer.Option(None, help="with --device cuda on Ray: seconds to wait for a GPU "
-                                            "worker to join before failing [600]"),
-    ray_address: str | None = typer.Option(None, help="join a Ray cluster (default: embedded, or RAY_ADDRESS)"),
-    max_in_flight: int | None = typer.Option(None, help="shard tasks in flight [2 x CPUs; GPU actors: 2 each]"),
-    task_retries: int | None = typer.Option(None, help="retries of a shard after a transient failure (worker, "
-                                            "actor or node death, I/O error) \\[2]"),
-    image_column: str | None = typer.Option(None, help="Parquet image-bytes column [image]"),
-    label_column: str | None = typer.Option(None, help="Parquet label column [label]"),
-    min_image_size: int | None = typer.Option(None, help="skip images with a shorter side below this [8]"),
-    max_image_pixels: int | None = typer.Option(None, help="skip larger images as decompression bombs"),
-    max_image_bytes: int | None = typer.Option(None, help="skip input images of more bytes, unread "
-                                               "[67108864 = 64 MiB]"),
-) -> None:
+@_settings_options(JobConfig, skip=("storage_options",))
+def run(config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
+        storage_option: list[str] | None = typer.Option(None, "--storage-option", help=_STORAGE_HELP),
+        **settings: Any) -> None:
     """Fit a codebook and tokenize a dataset into verified WebDataset shards (resumes if interrupted)."""
-    overrides = {name: value for name, value in locals().items() if name not in ("config", "storage_option")}
-    overrides["storage_options"] = _storage_options(storage_option)
+    from kmim.pipeline.checks import check_extractor
     from kmim.pipeline.job import JobError, run_job
     from kmim.pipeline.lock import LockError
     from kmim.storage import UploadError
 
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as e:
-        _say("config error", e, sep="\n")
-        raise typer.Exit(2) from None
+    with _invalid_config():
+        cfg = load_config(config, {**settings, "storage_options": _storage_options(storage_option)})
+        check_extractor(cfg)  # run_job checks again, for callers without the CLI: here it is a config error
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     console.print(escape(redact_text(f"kmim run: input={cfg.input or 'built-in digits sample'} out={cfg.out} "
                                      f"extractor={cfg.extractor} K={cfg.k} image={cfg.image_size} "
@@ -206,60 +217,16 @@ def eval_tokenizer(root: str = typer.Argument(..., help="dataset directory or UR
 
 
 @app.command("train")
-def train_command(
-    data: str | None = typer.Option(None, help="dataset directory or URL (required here or in --config)"),
-    out: str | None = typer.Option(None, help="run directory (required here or in --config)"),
-    config: Path | None = typer.Option(None, "--config", help="YAML file with the same settings"),
-    objective: str | None = typer.Option(None, help="kmim | mae | beit \\[kmim]"),
-    mto: bool | None = typer.Option(None, "--mto/--no-mto", help="add the MTO losses \\[off]"),
-    mto_w_spa: float | None = typer.Option(None, help="MTO sparsity weight \\[0.01]"),
-    mto_w_e: float | None = typer.Option(None, help="MTO 1/H(0) weight \\[1.0]"),
-    mto_w_r: float | None = typer.Option(None, help="MTO heterogeneity-ranking weight \\[1.0]"),
-    mto_eps: float | None = typer.Option(None, help="MTO eps in 1/(H(0)+eps) \\[0.1]"),
-    mto_scale: bool | None = typer.Option(None, "--mto-scale/--no-mto-scale",
-                                          help="MTO dot products / sqrt(width) (off: the paper's formula) \\[off]"),
-    model: str | None = typer.Option(None, help="tiny | small | base \\[tiny]"),
-    model_dim: int | None = typer.Option(None, help="encoder width override"),
-    model_depth: int | None = typer.Option(None, help="encoder blocks override"),
-    model_heads: int | None = typer.Option(None, help="encoder heads override"),
-    decoder_dim: int | None = typer.Option(None, help="decoder width override (kmim, mae)"),
-    decoder_depth: int | None = typer.Option(None, help="decoder blocks override (kmim, mae)"),
-    decoder_heads: int | None = typer.Option(None, help="decoder heads override (kmim, mae)"),
-    mask_ratio: float | None = typer.Option(None, help="\\[0.75 kmim/mae, 0.4 beit]"),
-    epochs: int | None = typer.Option(None, help="schedule length \\[1]"),
-    max_steps: int | None = typer.Option(None, help="stop at this step; the schedule still spans --epochs"),
-    batch_size: int | None = typer.Option(None, help="images per micro-batch per rank \\[64]"),
-    accum_steps: int | None = typer.Option(None, help="micro-batches per optimizer step \\[1]"),
-    lr: float | None = typer.Option(None, help="peak learning rate \\[1.5e-3]"),
-    min_lr: float | None = typer.Option(None, help="final learning rate of the cosine decay \\[0]"),
-    warmup_steps: int | None = typer.Option(None, help="linear warmup steps \\[0]"),
-    weight_decay: float | None = typer.Option(None, help="AdamW weight decay \\[0.05]"),
-    grad_clip: float | None = typer.Option(None, help="max gradient norm, 0 = off \\[1.0]"),
-    seed: int | None = typer.Option(None, help="\\[0]"),
-    workers: int | None = typer.Option(None, help="DataLoader workers per rank \\[0]"),
-    shuffle_window: int | None = typer.Option(None, help="samples shuffled together \\[4096]"),
-    hflip: bool | None = typer.Option(None, "--hflip/--no-hflip", help="mirror image + token grid \\[off]"),
-    verify: bool | None = typer.Option(None, "--verify/--no-verify", help="sha256 of each shard on read \\[on]"),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda \\[auto]"),
-    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA \\[on]"),
-    log_every: int | None = typer.Option(None, help="steps between metrics lines \\[10]"),
-    checkpoint_every: int | None = typer.Option(None, help="steps between checkpoints \\[one epoch]"),
-    resume: bool | None = typer.Option(None, "--resume/--no-resume", help="continue from the latest checkpoint"),
-    sample_log: bool | None = typer.Option(None, "--sample-log/--no-sample-log",
-                                           help="write the sample ids each rank trained on"),
-) -> None:
+@_settings_options(TrainConfig)
+def train_command(config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP), **settings: Any) -> None:
     """Train a MIM model on a kmim dataset (single process, or DDP under `torchrun --no-python kmim train`)."""
-    overrides = {name: value for name, value in locals().items() if name != "config"}
     import os
 
     from kmim.trainer.config import load_train_config
     from kmim.trainer.engine import TrainError, train
 
-    try:
-        cfg = load_train_config(config, overrides)
-    except ConfigError as e:
-        _say("config error", e, sep="\n")
-        raise typer.Exit(2) from None
+    with _invalid_config():
+        cfg = load_train_config(config, settings)
     main = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
     with _reported(TrainError, ValueError, OSError):

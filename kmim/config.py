@@ -1,4 +1,9 @@
-"""Typed job configuration: a YAML file plus command-line overrides, validated before any work starts."""
+"""Typed job configuration: a YAML file plus command-line overrides, validated before any work starts.
+
+Each setting is stated once, as a field of a settings model: its type, default and description also make its
+command-line option (:mod:`kmim.cli`), and its tag says whether it is material (:func:`material_settings`).
+Checks that need a model built or its weights found are a job step (:mod:`kmim.pipeline.checks`), not here.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,33 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from kmim.storage import redact_text
 
 LEARNED = ("dino", "clip")
 _EXAMPLES = {"dino": "a timm model name, e.g. vit_small_patch16_224.dino",
              "clip": "an open_clip model name, e.g. ViT-B-16 or RN50x64"}
+# The tag of a setting that changes no output (where or how fast the work runs, where it is written):
+# ``Field(..., json_schema_extra=NOT_MATERIAL)``. Every untagged setting is material.
+NOT_MATERIAL = {"material": False}
 
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the offending field."""
+
+
+def is_material(field: FieldInfo) -> bool:
+    """Whether a change of this setting means a different output (it is not tagged :data:`NOT_MATERIAL`)."""
+    extra = field.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("material") is False)
+
+
+def material_settings(settings: BaseModel) -> dict:
+    """The material fields of ``settings`` with their values, in field order: what a resumed run must share with
+    the run it continues."""
+    fields = type(settings).model_fields
+    return settings.model_dump(include={name for name, field in fields.items() if is_material(field)})
 
 
 class JobConfig(BaseModel):
@@ -25,61 +47,80 @@ class JobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    out: str = Field(description="output dataset directory or fsspec URL (s3://bucket/prefix, gs://..., file://...)")
+    out: str = Field(description="output dataset directory or URL: s3://bucket/prefix, gs://..., any fsspec URL",
+                     json_schema_extra=NOT_MATERIAL)
     # May hold credentials: kept out of repr, job.json, the manifest and every message.
-    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False,
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False, json_schema_extra=NOT_MATERIAL,
                                             description="options of the output's fsspec filesystem")
-    staging: str | None = Field(None, description="local working directory for a remote out (codebook, shards "
-                                                  "before upload); default: one per URL under ~/.cache/kmim/staging")
-    input: str | None = Field(None, description="ImageFolder dir, tar shard(s), or Parquet; none = built-in")
-    extractor: Literal["pixel", "dino", "clip"] = "pixel"
+    staging: str | None = Field(None, json_schema_extra=NOT_MATERIAL,
+                                description="local working directory for a remote out (codebook, shards before "
+                                            "upload); default: ~/.cache/kmim/staging/<digest of the URL>")
+    input: str | None = Field(None, description="ImageFolder dir, tar shard(s) or brace pattern, Parquet; "
+                                                "default: the built-in digits sample")
+    extractor: Literal["pixel", "dino", "clip"] = Field(
+        "pixel", description="where patch features come from: the pixels, or a DINO (timm) / CLIP (open_clip) backbone")
     # The next seven settings are for the dino and clip extractors only; None = the extractor's default.
-    model: str | None = Field(None, validate_default=True, description="timm (dino) / open_clip (clip) model name")
-    model_kwargs: dict | None = Field(None, validate_default=True,
-                                      description="architecture overrides: timm create_model kwargs (dino), "
-                                                  "merged into the open_clip model config (clip)")
-    weights: str | None = Field(None, validate_default=True,
-                                description="weights file, local cache directory, or open_clip pretrained tag; "
-                                            "default: the local timm / open_clip / Hugging Face caches")
-    layer: int | None = Field(None, description="block (ViT) or stage (ResNet CLIP) index; default: the last")
+    model: str | None = Field(None, validate_default=True, description="dino: timm model name "
+                              "(vit_small_patch16_224.dino); clip: open_clip model name (ViT-B-16, RN50x64)")
+    model_kwargs: dict | None = Field(None, description="JSON object of architecture overrides: timm create_model "
+                                      "kwargs (dino), merged into the open_clip model config (clip)")
+    weights: str | None = Field(None, description="weights file (.safetensors/.pth), a local timm / open_clip / "
+                                "Hugging Face cache directory, or an open_clip pretrained tag; never downloaded; "
+                                "default: the local caches")
+    layer: int | None = Field(None, description="ViT block (negative = from the end) or ResNet CLIP stage "
+                              "(0 stem, 1..4) whose features are used; default: the last")
     resample: Literal["input", "bilinear", "area"] | None = Field(
-        None, description="grid alignment: resize the input to model_patch * grid (input, default), or run at "
-                          "the model's size and resample the feature map (bilinear, area)")
-    dtype: Literal["auto", "fp32", "bf16"] | None = Field(None, description="auto = bf16 autocast on CUDA, else fp32")
-    device: str | None = Field(None, pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="auto = CUDA if available")
+        None, description="align features with the patch grid by resizing the image to model_patch * grid (input, "
+                          "the default) or by resampling the model's feature map (bilinear, area)")
+    dtype: Literal["auto", "fp32", "bf16"] | None = Field(
+        None, description="auto (the default) is bf16 autocast when the job runs on CUDA, fp32 on CPU, resolved "
+                          "once on the driver")
+    # Not material: where features are computed changes no token beyond float rounding; ``dtype`` does.
+    device: str | None = Field(None, pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", json_schema_extra=NOT_MATERIAL,
+                               description="auto | cpu | cuda | cuda:N (cuda:N with runner local only); auto (the "
+                                           "default): CUDA if the machine or the Ray cluster has GPUs")
     k: int = Field(50, ge=2, le=2**31 - 1, description="codebook size")
-    image_size: int = Field(224, ge=8, le=4096)
-    patch_size: int = Field(16, ge=1, le=512)
-    seed: int = Field(0, ge=0)
+    image_size: int = Field(224, ge=8, le=4096, description="resize the shorter side to this, then center crop")
+    patch_size: int = Field(16, ge=1, le=512, description="patch size in pixels")
+    seed: int = Field(0, ge=0, description="seed of the fit sample and the k-means fit")
     normalize: Literal["imagenet", "none", "l2"] | None = Field(
         None, validate_default=True,
-        description="pixel: input normalization, imagenet (default) | none; dino/clip: feature normalization, "
-                    "none (default) | l2 (then spherical k-means and max-dot assignment)")
+        description="input normalization of pixel, imagenet (default) or none; feature normalization of dino/clip, "
+                    "none (default) or l2 (then spherical k-means and max-dot assignment)")
     norm_pix: bool = Field(False, description="per-patch mean/variance normalization (MAE norm_pix_loss)")
-    kmeans_epochs: int = Field(20, ge=1, le=10_000)
-    kmeans_batch_size: int = Field(8192, ge=16)
-    kmeans_workers: int | None = Field(None, ge=1, description="Ray actors holding the k-means fit sample "
-                                       "(runner ray; default: the GPUs in the cluster, else its CPUs up to 16)")
+    kmeans_epochs: int = Field(20, ge=1, le=10_000, description="k-means passes over the fit sample")
+    kmeans_batch_size: int = Field(8192, ge=16, description="k-means mini-batch size")
+    kmeans_workers: int | None = Field(None, ge=1, json_schema_extra=NOT_MATERIAL,
+                                       description="Ray actors sampling and holding the k-means fit sample (runner "
+                                                   "ray); default: the GPUs in the cluster, else its CPUs up to 16")
     fit_images: int = Field(10_000, ge=1, description="images sampled for the k-means fit")
     fit_patches: int = Field(200_000, ge=2, description="patch features sampled for the k-means fit")
-    assign: Literal["auto", "faiss", "torch"] = "auto"
-    feature_cache: str | None = Field(None, description="directory caching sampled fit features (fp16)")
+    assign: Literal["auto", "faiss", "torch"] = Field("auto", json_schema_extra=NOT_MATERIAL,
+                                                      description="nearest-centroid search")
+    feature_cache: str | None = Field(None, json_schema_extra=NOT_MATERIAL,
+                                      description="directory caching sampled fit features (fp16), so repeated "
+                                                  "k-means experiments skip extraction")
     shard_size: int = Field(1000, ge=1, description="samples per shard")
-    batch_size: int = Field(64, ge=1, description="images per extraction batch")
-    decode_threads: int | None = Field(None, ge=1, description="threads decoding images in each worker "
-                                       "(default: the CPUs the worker holds)")
-    runner: Literal["ray", "local"] = "ray"
-    gpu_wait_s: float = Field(600.0, ge=0, description="with --device cuda on Ray: seconds to wait for a GPU worker "
-                              "to join the cluster before failing")
-    ray_address: str | None = None
-    max_in_flight: int | None = Field(None, ge=1, description="shard tasks in flight "
-                                      "(default: 2 x CPUs; with GPU actors: 2 per actor)")
-    task_retries: int = Field(2, ge=0, le=100, description="extra attempts of a shard after a transient failure "
-                                                          "(worker/actor/node death, I/O error)")
-    image_column: str = "image"
-    label_column: str | None = "label"
-    min_image_size: int = Field(8, ge=1)
-    max_image_pixels: int = Field(89_478_485, ge=1)
+    batch_size: int = Field(64, ge=1, json_schema_extra=NOT_MATERIAL, description="images per extraction batch")
+    decode_threads: int | None = Field(None, ge=1, json_schema_extra=NOT_MATERIAL,
+                                       description="threads decoding images in each worker; default: the CPUs the "
+                                                   "worker holds")
+    runner: Literal["ray", "local"] = Field("ray", json_schema_extra=NOT_MATERIAL,
+                                            description="a Ray cluster, or this process")
+    gpu_wait_s: float = Field(600.0, ge=0, json_schema_extra=NOT_MATERIAL,
+                              description="with device cuda on Ray: seconds to wait for a GPU worker to join the "
+                                          "cluster before failing")
+    ray_address: str | None = Field(None, json_schema_extra=NOT_MATERIAL,
+                                    description="join this Ray cluster; default: RAY_ADDRESS, else an embedded one")
+    max_in_flight: int | None = Field(None, ge=1, json_schema_extra=NOT_MATERIAL,
+                                      description="shard tasks in flight; default: 2 x CPUs, with GPU actors 2 each")
+    task_retries: int = Field(2, ge=0, le=100, json_schema_extra=NOT_MATERIAL,
+                              description="extra attempts of a shard after a transient failure (worker, actor or "
+                                          "node death, I/O error)")
+    image_column: str = Field("image", description="Parquet image-bytes column")
+    label_column: str | None = Field("label", description="Parquet label column")
+    min_image_size: int = Field(8, ge=1, description="skip images with a shorter side below this")
+    max_image_pixels: int = Field(89_478_485, ge=1, description="skip larger images as decompression bombs")
     max_image_bytes: int = Field(64 * 2**20, ge=1, description="skip an input image of more bytes (a file, tar "
                                  "member or Parquet value) without reading it")
 
@@ -104,46 +145,8 @@ class JobConfig(BaseModel):
     @classmethod
     def _check_model(cls, v: str | None, info: ValidationInfo) -> str | None:
         extractor = info.data.get("extractor")
-        if extractor in LEARNED:
-            if v is None:
-                raise ValueError(f"required for extractor '{extractor}' ({_EXAMPLES[extractor]})")
-            from kmim.tokenizers.learned import check_architecture, family
-
-            family(extractor).check_name(v)
-            check_architecture(extractor, v, {}, None)
-        return v
-
-    @field_validator("model_kwargs")
-    @classmethod
-    def _check_kwargs(cls, v: dict | None, info: ValidationInfo) -> dict | None:
-        extractor, model = info.data.get("extractor"), info.data.get("model")
-        if v and extractor in LEARNED and model is not None:
-            from kmim.tokenizers.learned import check_architecture
-
-            try:
-                check_architecture(extractor, model, v, None)
-            except Exception as e:  # noqa: BLE001 - any failure to build the model is a configuration error
-                raise ValueError(f"cannot build '{model}' with {v}: {type(e).__name__}: {e}") from None
-        return v
-
-    @field_validator("layer")
-    @classmethod
-    def _check_layer(cls, v: int | None, info: ValidationInfo) -> int | None:
-        extractor, model = info.data.get("extractor"), info.data.get("model")
-        if v is not None and extractor in LEARNED and model is not None and "model_kwargs" in info.data:
-            from kmim.tokenizers.learned import check_architecture
-
-            check_architecture(extractor, model, info.data["model_kwargs"] or {}, v)
-        return v
-
-    @field_validator("weights")
-    @classmethod
-    def _check_weights(cls, v: str | None, info: ValidationInfo) -> str | None:
-        extractor, model = info.data.get("extractor"), info.data.get("model")
-        if extractor in LEARNED and model is not None:
-            from kmim.tokenizers.learned import family
-
-            family(extractor).resolve(model, v)
+        if extractor in LEARNED and v is None:
+            raise ValueError(f"required for extractor '{extractor}' ({_EXAMPLES[extractor]})")
         return v
 
     @field_validator("normalize")

@@ -13,8 +13,8 @@ message here.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -26,28 +26,19 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from kmim.datasets.shards import HASH_CHUNK, sha256_file, tmp_path
+from kmim.files import atomic_write, sha256_file, sha256_stream, tmp_path
+from kmim.retry import RetryPolicy, is_io_transient
 
 log = logging.getLogger("kmim")
 
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 UPLOAD_ATTEMPTS = 4
-BACKOFF_S = 0.5  # the wait before retry i is BACKOFF_S * 2**i seconds
-_THROTTLED = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-                        "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable"})
-_PERMANENT = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
-# Full disks, read-only filesystems and exhausted quotas do not heal by retrying.
-_PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOENT,
-                               errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG})
-try:  # botocore's connection errors (EndpointConnectionError, ReadTimeoutError...) are not OSErrors
+BACKOFF_S = 0.5  # the wait after failed attempt n (1-based) is BACKOFF_S * 2**(n - 1) seconds
+try:
     from botocore.exceptions import BotoCoreError
-    from botocore.exceptions import ConnectionError as _BotoConnectionError
-    from botocore.exceptions import HTTPClientError as _BotoHTTPError
 
-    _TRANSIENT: tuple[type[BaseException], ...] = (OSError, _BotoHTTPError, _BotoConnectionError)
     SERVICE_ERRORS: tuple[type[BaseException], ...] = (BotoCoreError,)
 except ImportError:
-    _TRANSIENT = (OSError,)
     SERVICE_ERRORS = ()
 
 
@@ -80,6 +71,21 @@ def is_object_store(fs: AbstractFileSystem) -> bool:
 def join(root: str, name: str) -> str:
     """``root/name`` for a path or URL."""
     return root.rstrip("/") + "/" + name
+
+
+# fsspec adapters: the only two places kmim calls private fsspec API; tests/test_adapters.py fails with a clear
+# message when an fsspec release changes either.
+
+
+def fs_parent(fs: AbstractFileSystem, path: str) -> str:
+    """The directory holding ``path`` on ``fs``, via fsspec's private ``fs._parent`` (the one place it is used)."""
+    return fs._parent(path)
+
+
+def fs_path(fs: AbstractFileSystem, path: str) -> str:
+    """``path`` (or a URL of ``fs``) as ``fs`` names it internally, e.g. the keys of ``fs.cat``'s result: via
+    fsspec's private ``fs._strip_protocol`` (the one place it is used)."""
+    return fs._strip_protocol(path)
 
 
 # Query parameters that carry credentials: presigned S3 / GCS URLs, Azure SAS, CloudFront, OAuth, API keys.
@@ -151,32 +157,23 @@ def list_sizes(fs: AbstractFileSystem, root: str) -> dict[str, int]:
 
 def sha256_remote(fs: AbstractFileSystem, path: str) -> tuple[str, int]:
     """(hex sha256, size in bytes) of a stored file, streamed."""
-    h, n = hashlib.sha256(), 0
     with fs.open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
+        return sha256_stream(f)
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether a retry may succeed: yes for connection and server-side errors (5xx, throttling) and mismatched
-    uploads; no for permission, missing-file, full-disk, read-only and other client (4xx) errors."""
-    for e in (error, error.__cause__):  # s3fs raises OSErrors caused by botocore's ClientError
-        response = getattr(e, "response", None)
-        if isinstance(response, dict) and "Error" in response:
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            return status >= 500 or status == 429 or response["Error"].get("Code") in _THROTTLED
-    return (isinstance(error, _TRANSIENT) and not isinstance(error, _PERMANENT)
-            and getattr(error, "errno", None) not in _PERMANENT_ERRNOS)
+    """Whether a retry of a storage operation may succeed: :func:`kmim.retry.is_io_transient` (connection and
+    server-side errors, mismatched uploads: yes; permission, missing-file, full-disk, read-only and other
+    client errors: no)."""
+    return is_io_transient(error)
 
 
 def _put_once(local: Path, fs: AbstractFileSystem, path: str, sha256: str, size: int) -> None:
     direct = is_object_store(fs)
-    target = path if direct else str(tmp_path(Path(path)))
+    target = path if direct else str(tmp_path(path))
     try:
         if not direct:
-            fs.makedirs(fs._parent(path), exist_ok=True)
+            fs.makedirs(fs_parent(fs, path), exist_ok=True)
         fs.put_file(str(local), target)
         got_sha, got_size = sha256_remote(fs, target)
         if (got_sha, got_size) != (sha256, size):
@@ -204,15 +201,16 @@ def put_verified(local: str | os.PathLike, fs: AbstractFileSystem, path: str, *,
     if sha256 is None or size is None:
         sha256, size = sha256_file(local)
     url = url_of(fs, path)
-    for attempt in range(UPLOAD_ATTEMPTS):
+    policy = RetryPolicy(attempts=UPLOAD_ATTEMPTS, backoff_s=BACKOFF_S, transient=is_transient)
+    for attempt in itertools.count(1):
         try:
             _put_once(local, fs, path, sha256, size)
             return
         except Exception as e:  # noqa: BLE001 - classified just below
-            if not is_transient(e) or attempt + 1 == UPLOAD_ATTEMPTS:
-                raise UploadError(f"upload of {local} to {url} failed after {attempt + 1} attempt(s): "
+            if not policy.should_retry(e, attempt):
+                raise UploadError(f"upload of {local} to {url} failed after {attempt} attempt(s): "
                                   f"{type(e).__name__}: {e}") from e
-            delay = BACKOFF_S * 2**attempt
+            delay = policy.delay(attempt)
             log.warning("upload to %s failed (%s: %s); retrying in %.1fs", url, type(e).__name__, e, delay)
             time.sleep(delay)
 
@@ -227,9 +225,4 @@ def put_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
 
 def get_file(fs: AbstractFileSystem, path: str, local: Path) -> None:
     """Download ``path`` to ``local``, atomically (a temporary sibling renamed into place)."""
-    tmp = tmp_path(local)
-    try:
-        fs.get_file(path, str(tmp))
-        os.replace(tmp, local)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(local, lambda tmp: fs.get_file(path, str(tmp)))

@@ -66,9 +66,24 @@ def job_overrides(**kw) -> dict:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    from kmim.pipeline.runners import init_ray_on_loopback
+
+    init_ray_on_loopback(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def reset_ray_auth() -> None:
+    """Make this process forget Ray's cached auth token and auth mode, so that the next node or driver it starts
+    reads them from the environment again.
+
+    Adapter around a private Ray API: ``ray._private.authentication_test_utils.reset_auth_token_state`` (a helper
+    of Ray's own tests). This is the one place that calls it, imported here so that a Ray release without it
+    breaks only the tests that reset auth; ``tests/test_private_apis.py`` says so when it happens.
+    """
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()
 
 
 @contextmanager

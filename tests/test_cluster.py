@@ -25,21 +25,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from conftest import class_image, job_overrides, make_image_folder, png_bytes
+from conftest import class_image, job_overrides, make_image_folder, png_bytes, reset_ray_auth
 from PIL import Image
-from ray._private.authentication_test_utils import reset_auth_token_state
 from ray.cluster_utils import Cluster
 from test_learned_extractors import VIT16, save_tiny
 from typer.testing import CliRunner
 
 from kmim.cli import app
 from kmim.config import load_config
+from kmim.datasets.codebook import load_codebook
 from kmim.datasets.manifest import CODEBOOK, read_index, read_manifest
 from kmim.datasets.shards import ShardWriter, iter_tar
 from kmim.datasets.verify import verify_dataset
 from kmim.pipeline.job import run_job
 from kmim.pipeline.runners import ensure_ray, map_shards
-from kmim.tokenizers.codebook import load_codebook
 from kmim.tokenizers.learned import LOGICAL_GPUS_ENV
 
 NODE = {"num_cpus": 1, "num_gpus": 1, "node_ip_address": "127.0.0.1"}
@@ -57,7 +56,7 @@ def cluster():
         mp.setenv("RAY_AUTH_MODE", "token")
         mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
         mp.setenv(LOGICAL_GPUS_ENV, "cpu")  # inherited by the nodes' workers
-        reset_auth_token_state()
+        reset_ray_auth()
         c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
         try:
             c.add_node(**NODE)
@@ -67,7 +66,7 @@ def cluster():
             ray.shutdown()
             c.shutdown()
             shutil.rmtree(ray_tmp, ignore_errors=True)
-    reset_auth_token_state()
+    reset_ray_auth()
 
 
 @pytest.fixture
@@ -253,7 +252,7 @@ def test_failing_shards_are_reported_with_reason_and_attempts(tmp_path: Path, dr
     w = ShardWriter(tars / "a.tar")
     for i in range(16):
         w.write({"__key__": f"s{i}", "png": png_bytes(class_image(rng, i % 3, (32, 32)))})
-    w.close()
+    w.finish()
     w.commit()
     (tars / "b.tar").mkdir()  # listed as an input shard, unreadable as a file
     with tarfile.open(tars / "c.tar", "w") as tar:  # a symlink member breaks the tar contract

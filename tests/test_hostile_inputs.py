@@ -254,7 +254,7 @@ def test_gzip_bomb_tar_job_completes_with_a_skip(tmp_path: Path) -> None:
     w = ShardWriter(tars / "good.tar")
     for i in range(12):
         w.write({"__key__": f"g{i}", "png": png_bytes(class_image(rng, i % 3, (40, 40)))})
-    w.close()
+    w.finish()
     w.commit()
     run(tmp_path / "out", input=str(tars))
     manifest = read_manifest(tmp_path / "out")

@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 from kmim.cli import app
 from kmim.config import ConfigError, load_config
+from kmim.datasets.codebook import load_codebook
+from kmim.pipeline.checks import check_extractor
 from kmim.tokenizers import clip, dino, weights
-from kmim.tokenizers.codebook import load_codebook
 from kmim.tokenizers.extractors import build_extractor
 from kmim.tokenizers.weights import file_sha256
 
@@ -159,7 +160,7 @@ def test_bad_settings_name_the_field(tmp_path: Path) -> None:
             "weights": str(path)}
     for change, message in cases:
         with pytest.raises(ConfigError, match=message):
-            load_config(None, {**base, **change})
+            check_extractor(load_config(None, {**base, **change}))
     with pytest.raises(ConfigError, match="field 'weights': .*only used by the dino and clip"):
         load_config(None, {"out": "x", "weights": str(path)})
 
@@ -178,11 +179,11 @@ def test_missing_weights_fail_before_any_work(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(weights, "default_cache_roots", lambda: [empty])
     for weights_arg in [str(empty), None]:
         with pytest.raises(ConfigError) as err:
-            load_config(None, {"out": "x", "extractor": "dino", "model": "vit_small_patch16_224.dino",
-                               "weights": weights_arg})
+            check_extractor(load_config(None, {"out": "x", "extractor": "dino", "model": "vit_small_patch16_224.dino",
+                                               "weights": weights_arg}))
         assert "timm/vit_small_patch16_224.dino/model.safetensors" in str(err.value) and str(empty) in str(err.value)
     with pytest.raises(ConfigError, match="field 'weights'.*RN50.*tags of this model: openai"):
-        load_config(None, {"out": "x", "extractor": "clip", "model": "RN50", "weights": "openai"})
+        check_extractor(load_config(None, {"out": "x", "extractor": "clip", "model": "RN50", "weights": "openai"}))
 
 
 def _hf_cache_file(root: Path, repo: str, filename: str) -> Path:

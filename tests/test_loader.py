@@ -28,7 +28,8 @@ from kmim.datasets.loader import (
 )
 from kmim.datasets.manifest import read_manifest
 from kmim.datasets.preprocess import Preprocess, decode_view
-from kmim.datasets.shards import ShardWriter, decode_npy, iter_tar, sha256_file
+from kmim.datasets.shards import ShardWriter, decode_npy, iter_tar
+from kmim.files import sha256_file
 from kmim.pipeline.job import run_job
 
 N = 27  # 3 classes x 9 images, in shards of 4: six of 4 and one of 3
@@ -285,7 +286,7 @@ def test_unknown_members_are_never_unpickled(copy: Path, tmp_path: Path) -> None
     writer = ShardWriter(shard)
     for s in samples:
         writer.write({**s, "pyd": pickle.dumps(_Payload(marker))})
-    digest, size = writer.close()
+    digest, size = writer.finish()
     writer.commit()
     rewrite_manifest(copy, lambda m: m["shards"][0].update(sha256=digest, bytes=size))
     ds = TokenDataset(copy, batch_size=4, rank=0, world_size=1, drop_last=False, shuffle=False)

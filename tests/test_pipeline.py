@@ -23,12 +23,12 @@ from typer.testing import CliRunner
 
 from kmim.cli import app
 from kmim.config import ConfigError, load_config
+from kmim.datasets.codebook import load_codebook
 from kmim.datasets.manifest import read_index, read_manifest
 from kmim.datasets.preprocess import Preprocess, decode_view
 from kmim.datasets.shards import ShardWriter, decode_npy, iter_tar
 from kmim.datasets.verify import verify_dataset
 from kmim.pipeline.job import JobError, run_job
-from kmim.tokenizers.codebook import load_codebook
 from kmim.tokenizers.extractors import PixelExtractor
 
 cli = CliRunner()
@@ -141,7 +141,7 @@ def test_tar_and_parquet_inputs(tmp_path: Path) -> None:
         for i in range(t * 12, t * 12 + 12):
             w.write({"__key__": f"s{i:03d}", "png": images[i], "cls": str(i % 3).encode()})
         w.write({"__key__": f"nothing{t}", "txt": b"caption without an image"})
-        w.close()
+        w.finish()
         w.commit()
     summary = run(tmp_path / "from_tar", input=str(tars / "part-{0..1}.tar"))
     manifest = read_manifest(tmp_path / "from_tar")
@@ -166,7 +166,7 @@ def test_failed_shard_fails_job_without_manifest(tmp_path: Path) -> None:
     w = ShardWriter(tars / "a.tar")
     for i in range(16):
         w.write({"__key__": f"s{i}", "png": png_bytes(class_image(rng, 0, (32, 32)))})
-    w.close()
+    w.finish()
     w.commit()
     evil = io.BytesIO()
     with tarfile.open(fileobj=evil, mode="w") as tar:
@@ -224,7 +224,7 @@ def test_verify_catches_corruption(image_folder: Path, tmp_path: Path) -> None:
     w = ShardWriter(target)
     for s in samples:
         w.write(s)
-    sha, size = w.close()
+    sha, size = w.finish()
     w.commit()
     entry = next(e for e in manifest["shards"] if e["path"] == "shard-00002.tar")
     entry.update(sha256=sha, bytes=size)

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kmim.datasets.shards import ShardError, ShardWriter, decode_npy, encode_npy, iter_tar, sha256_file
+from kmim.datasets.shards import ShardError, ShardWriter, decode_npy, encode_npy, iter_tar
+from kmim.files import sha256_file
 
 
 def write(path: Path, samples: list[dict]) -> tuple[str, int]:
     w = ShardWriter(path)
     for s in samples:
         w.write(s)
-    digest = w.close()
+    digest = w.finish()
     w.commit()
     return digest
 

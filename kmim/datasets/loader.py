@@ -43,10 +43,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kmim.datasets.augment import Augment
-from kmim.datasets.manifest import MANIFEST, ManifestError, check_manifest, token_problem
-from kmim.datasets.preprocess import IMAGE_EXTS, Preprocess, SkipImage, decode_view
+from kmim.datasets.manifest import MANIFEST, ManifestError, TokenSpec, check_manifest, check_sample
+from kmim.datasets.preprocess import Preprocess, SkipImage, decode_view
 from kmim.datasets.shard_store import LoaderError, ShardStore, default_cache_dir
-from kmim.datasets.shards import decode_npy, iter_tar, sample_meta
+from kmim.datasets.shards import ShardError, iter_tar
 from kmim.storage import join
 
 log = logging.getLogger("kmim")
@@ -160,9 +160,7 @@ class TokenDataset(IterableDataset):
         self.counts = [e["samples"] for e in self.manifest["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
         self._pre = _preprocess(self.manifest, self.root)
-        grid = self.manifest["token_grid"]
-        self._grid, self._dtype = tuple(grid["shape"]), np.dtype(grid["dtype"])
-        self._k = self.manifest["codebook"]["k"]
+        self._spec = TokenSpec.of(self.manifest)
         self._store = ShardStore(self.root, {e["path"]: e for e in self.manifest["shards"]}, storage_options or {},
                                  verify, Path(cache_dir) if cache_dir is not None else default_cache_dir(),
                                  cache_bytes)
@@ -217,31 +215,26 @@ class TokenDataset(IterableDataset):
     def _decode(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, int, str, bool]:
         """(image float32 [3, S, S], tokens int64 [h, w], label, key, flipped) of one global sample id."""
         sample, name = self._raw(index)
-        key = sample["__key__"]
-        where = f"{name}: sample {key}"
-        images = [e for e in IMAGE_EXTS if e in sample]
-        if len(images) != 1 or "tokens.npy" not in sample:
-            raise LoaderError(f"{where}: expected one image member and .tokens.npy, found {sorted(sample)}")
-        meta = sample_meta(sample, name)
-        if meta.get("key") != key:
-            raise LoaderError(f"{where}: .json key {meta.get('key')!r} does not match the member name")
+        where = f"{name}: sample {sample['__key__']}"
         try:
-            view = decode_view(sample[images[0]], self._pre)
+            checked = check_sample(sample, self._spec, where)
+        except ShardError as e:
+            raise LoaderError(str(e)) from None
+        meta, tokens = checked.meta, checked.tokens
+        try:
+            view = decode_view(checked.image, self._pre)
         except SkipImage as e:
             raise LoaderError(f"{where}: stored image does not decode ({e})") from None
         if view.geometry != meta.get("view"):
             raise LoaderError(f"{where}: decoded view {view.geometry} is not the one the tokens were computed on "
                               f"({meta.get('view')})")
-        tokens = decode_npy(sample["tokens.npy"], (self._dtype.str, self._grid))
-        if (problem := token_problem(tokens, self._dtype.name, list(self._grid), self._k)) is not None:
-            raise LoaderError(f"{where}: {problem}")
         pixels = view.pixels.astype(np.float32) / 255.0
         flip = False
         if rng is not None:
             pixels, tokens, flip = self.augment.apply(pixels, tokens, rng)
         image = ((pixels - self.mean) / self.std).transpose(2, 0, 1)
         label = meta.get("label")
-        return image, tokens.astype(np.int64), -1 if label is None else int(label), key, flip
+        return image, tokens.astype(np.int64), -1 if label is None else int(label), checked.key, flip
 
     def sample(self, index: int) -> dict:
         """One sample by global id, without augmentation: ``image`` float32 [3, S, S], ``tokens`` int64

@@ -13,15 +13,18 @@ be rebuilt from finished shards without re-reading the tars.
 
 Readers take an optional fsspec filesystem ``fs`` (None = local disk) with paths inside it, so a dataset in
 object storage is read the same way.
+
+The contract is read here only: :func:`check_manifest` for a manifest, :func:`check_sample` for each stored
+sample, :class:`TokenCounts` for the token-by-label histograms an index stores.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +34,10 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from kmim import __version__
-from kmim.datasets.shards import tmp_path
-from kmim.storage import join, put_bytes, url_of
+from kmim.datasets.preprocess import IMAGE_EXTS
+from kmim.datasets.shards import ShardError, decode_npy
+from kmim.files import atomic_write
+from kmim.storage import fs_path, join, put_bytes, url_of
 
 FORMAT = "kmim-dataset/1"
 MANIFEST = "manifest.json"
@@ -70,12 +75,7 @@ def write_index(final: Path, rows: list[dict], stats: dict) -> None:
     """Write the per-shard index atomically; ``stats`` (JSON-able) goes into the schema metadata."""
     table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
     table = table.replace_schema_metadata({_META_KEY: json.dumps(stats, sort_keys=True).encode()})
-    tmp = tmp_path(final)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(final, lambda tmp: pq.write_table(table, tmp))
 
 
 def _is_count(x: object) -> bool:
@@ -146,6 +146,108 @@ def token_problem(tokens: np.ndarray, dtype: str, shape: list[int], k: int) -> s
     return None
 
 
+@dataclass(frozen=True)
+class TokenSpec:
+    """What every stored token grid of a dataset is: numpy ``dtype`` name, ``shape`` [h, w], ids in [0, ``k``)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    k: int
+
+    @classmethod
+    def of(cls, manifest: dict) -> TokenSpec:
+        """The spec a manifest that passed :func:`check_manifest` declares."""
+        grid = manifest["token_grid"]
+        return cls(grid["dtype"], tuple(grid["shape"]), manifest["codebook"]["k"])
+
+
+@dataclass(frozen=True)
+class CheckedSample:
+    """The parts of a stored sample that passed :func:`check_sample`."""
+
+    key: str
+    image_ext: str  # one of IMAGE_EXTS
+    image: bytes  # the encoded image, as stored
+    meta: dict  # the parsed .json member (key, source, label, view)
+    tokens: np.ndarray  # the token grid, TokenSpec.dtype [h, w]
+
+
+def check_sample(sample: dict, spec: TokenSpec, where: str) -> CheckedSample:
+    """Check one stored sample ``{"__key__": key, ext: bytes}`` against the contract; return its parts.
+
+    A sample holds exactly one image member with an extension of ``IMAGE_EXTS``, a ``.json`` object whose
+    ``key`` is the sample's key, and a ``.tokens.npy`` grid of ``spec``'s dtype and shape with ids in [0, K);
+    other members are ignored, never decoded. Raises :class:`ShardError` ``"<where>: <reason>"`` at the first
+    problem.
+    """
+    images = [e for e in IMAGE_EXTS if e in sample]
+    if len(images) != 1:
+        raise ShardError(f"{where}: expected one image member, found {images or 'none'}")
+    try:
+        meta = json.loads(sample["json"])
+    except (KeyError, ValueError) as e:
+        raise ShardError(f"{where}: no valid .json member ({e})") from None
+    if not isinstance(meta, dict):
+        raise ShardError(f"{where}: the .json member is not a JSON object")
+    if meta.get("key") != sample["__key__"]:
+        raise ShardError(f"{where}: .json key {meta.get('key')!r} does not match the member name")
+    tokens = _sample_tokens(sample, spec, where)
+    return CheckedSample(sample["__key__"], images[0], sample[images[0]], meta, tokens)
+
+
+def _sample_tokens(sample: dict, spec: TokenSpec, where: str) -> np.ndarray:
+    """The sample's ``.tokens.npy`` grid, checked against ``spec``; :class:`ShardError` otherwise."""
+    if "tokens.npy" not in sample:
+        raise ShardError(f"{where}: no .tokens.npy")
+    try:
+        tokens = decode_npy(sample["tokens.npy"], (spec.dtype, spec.shape))
+    except Exception as e:  # noqa: BLE001 - bytes np.load refuses, whatever the reason, break the contract
+        raise ShardError(f"{where}: .tokens.npy is not a .npy array ({type(e).__name__}: {e})") from None
+    if not isinstance(tokens, np.ndarray):  # an .npz archive
+        raise ShardError(f"{where}: .tokens.npy is not a .npy array")
+    if (problem := token_problem(tokens, spec.dtype, list(spec.shape), spec.k)) is not None:
+        raise ShardError(f"{where}: {problem}")
+    return tokens
+
+
+class TokenCounts:
+    """Token-by-label histograms: ``by_label[label]`` int64 [K] counts each token id over the grids of samples
+    with that label (-1 = unlabeled).
+
+    A shard index stores them in its stats as ``token_counts``: three equal-length integer columns ``label``,
+    ``token``, ``count`` holding the nonzero entries, labels ascending, then token ids ascending.
+    """
+
+    def __init__(self, k: int):
+        self.k = k
+        self.by_label: dict[int, np.ndarray] = {}
+
+    def _hist(self, label: int) -> np.ndarray:
+        return self.by_label.setdefault(label, np.zeros(self.k, np.int64))
+
+    def add_grid(self, tokens: np.ndarray, label: int | None) -> None:
+        """Count the ids of a token grid (each in [0, K)) under ``label`` (None = -1)."""
+        self._hist(-1 if label is None else label)[:] += np.bincount(tokens.ravel(), minlength=self.k)
+
+    def add_columns(self, columns: dict[str, list[int]], where: str) -> None:
+        """Add stored ``token_counts`` columns (see :func:`read_index_stats`); raises :class:`ManifestError`
+        naming ``where`` when a token id is not below K."""
+        if any(t >= self.k for t in columns["token"]):
+            raise ManifestError(f"{where}: field 'token_counts': a token id is out of range [0, {self.k})")
+        for label, token, count in zip(columns["label"], columns["token"], columns["count"], strict=True):
+            self._hist(label)[token] += count
+
+    def columns(self) -> dict[str, list[int]]:
+        """The counts as a shard index stores them."""
+        nz = [(lab, int(tok), int(self.by_label[lab][tok]))
+              for lab in sorted(self.by_label) for tok in np.flatnonzero(self.by_label[lab])]
+        return {"label": [r[0] for r in nz], "token": [r[1] for r in nz], "count": [r[2] for r in nz]}
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, TokenCounts) and self.by_label.keys() == other.by_label.keys()
+                and all(np.array_equal(h, other.by_label[lab]) for lab, h in self.by_label.items()))
+
+
 def _stats_of(data: bytes, where: str) -> dict:
     """The shard stats stored in an index's schema metadata, checked for the fields readers use."""
     try:
@@ -193,10 +295,10 @@ def index_stats(out: str | Path, shards: list[str],
     fs = fs or LocalFileSystem()
     paths = {name: join(str(out), index_name(name)) for name in shards}
     blobs = fs.cat(list(paths.values()), on_error="return") if paths else {}
-    by_path = {fs._strip_protocol(p): data for p, data in blobs.items()}
+    by_path = {fs_path(fs, p): data for p, data in blobs.items()}
     found: dict[str, dict | Exception] = {}
     for name, path in paths.items():
-        data = by_path[fs._strip_protocol(path)]
+        data = by_path[fs_path(fs, path)]
         if not isinstance(data, Exception):
             try:
                 data = _stats_of(data, url_of(fs, path))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import fsspec
 
-from kmim.datasets.shards import tmp_path
+from kmim.files import atomic_write_bytes
 from kmim.storage import is_local, join
 
 
@@ -73,9 +73,7 @@ class ShardStore:
 
     def _store(self, final: Path, data: bytes) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(final)
-        tmp.write_bytes(data)
-        os.replace(tmp, final)
+        atomic_write_bytes(final, data)
         files = []
         for p in self.cache_dir.glob("*.tar"):
             try:

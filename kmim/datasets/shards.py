@@ -5,29 +5,28 @@ from __future__ import annotations
 import bz2
 import contextlib
 import gzip
-import hashlib
 import io
-import json
 import lzma
 import os
 import re
 import tarfile
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from types import TracebackType
 from typing import IO
 
 import numpy as np
 import webdataset as wds
+
+from kmim.files import AtomicFile
 
 # key.ext where the key has no dot and the extension is one or more dotted words (e.g. "tokens.npy").
 _MEMBER = re.compile(r"^([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)$")
 # An input tar's member, WebDataset style: the key is the path up to the first dot of the last component
 # ("train/n01440764_10026.JPEG" -> key "train/n01440764_10026"); never used as a path, only as a source id.
 _INPUT_MEMBER = re.compile(r"^((?:[^/\x00]+/)*[^/.\x00]+)\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)$")
-HASH_CHUNK = 1 << 20
 
 
 class ShardError(ValueError):
@@ -60,31 +59,26 @@ def _npy_header(dtype: str, shape: tuple[int, ...]) -> tuple[bytes, int]:
     return encode_npy(arr)[: -arr.nbytes or None], arr.nbytes
 
 
-def sha256_file(path: str | os.PathLike) -> tuple[str, int]:
-    """Return (hex sha256, size in bytes) of a local file."""
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
-
-
-def tmp_path(final: Path) -> Path:
-    """A hidden temporary sibling of ``final``; renamed onto it once complete."""
-    return final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
 class ShardWriter:
-    """Write samples into ``<final>`` atomically: a hidden temp file, renamed by :meth:`commit`.
+    """Write samples into the shard tar ``final`` atomically: under a hidden temporary name until committed.
 
-    Samples are dicts ``{"__key__": str, ext: bytes}``; tars are reproducible (mtime 0, fixed owner).
+    Samples are dicts ``{"__key__": str, ext: bytes}``; tars are reproducible (mtime 0, fixed owner). The tar is
+    hashed while it is written (:class:`~kmim.files.AtomicFile`), never re-read. Use it as a context manager::
+
+        with ShardWriter(out / "shard-00000.tar") as shard:
+            for sample in samples:
+                shard.write(sample)
+            sha256, nbytes = shard.finish()  # the tar is complete: its hex sha256 and size in bytes
+            ...                              # whatever must exist before the tar (its index)
+            shard.commit()                   # the tar appears under its final name
+
+    An exception in the block aborts (the temporary file is removed); a block that ends normally commits the
+    shard if :meth:`commit` was not called.
     """
 
-    def __init__(self, final: Path):
+    def __init__(self, final: str | os.PathLike):
         self.final = Path(final)
-        self.tmp = tmp_path(self.final)
-        self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._file = AtomicFile(self.final)
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0, user="kmim", group="kmim")
         self.samples = 0
 
@@ -92,21 +86,35 @@ class ShardWriter:
         self._tar.write(sample)
         self.samples += 1
 
-    def close(self) -> tuple[str, int]:
-        """Finish the tar; return (sha256, bytes) of the temp file."""
+    def finish(self) -> tuple[str, int]:
+        """End the tar; return (hex sha256, size in bytes) of the complete file. Nothing more can be written."""
         self._tar.close()
-        self._file.close()
-        return sha256_file(self.tmp)
+        return self._file.finish()
 
     def commit(self) -> None:
-        os.replace(self.tmp, self.final)
+        """End the tar (if :meth:`finish` was not called) and rename it onto ``final``."""
+        self._tar.close()
+        self._file.commit()
 
     def abort(self) -> None:
         """Discard the shard: the temp file is removed even when closing the tar or the file fails (a full disk)."""
-        for close in (self._tar.close, self._file.close):  # the tar stream may be mid-member; it is discarded
-            with contextlib.suppress(Exception):
-                close()
-        self.tmp.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):  # the tar stream may be mid-member; it is discarded
+            self._tar.close()
+        self._file.abort()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._file.done:
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
 
 
 class _Rejoined:
@@ -188,11 +196,3 @@ def iter_tar(fileobj: IO[bytes], name: str = "<tar>", *, input_tar: bool = False
             current[ext] = data.read() if data is not None else b""
     if current is not None:
         yield current
-
-
-def sample_meta(sample: dict, name: str) -> dict:
-    """Parse and return a sample's ``.json`` member."""
-    try:
-        return json.loads(sample["json"])
-    except (KeyError, ValueError) as e:
-        raise ShardError(f"{name}: sample {sample.get('__key__')!r} has no valid .json member ({e})") from None

@@ -14,14 +14,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-import numpy as np
 from fsspec import AbstractFileSystem
 
-from kmim.datasets.manifest import CODEBOOK, read_index, read_index_stats, read_manifest, token_problem
-from kmim.datasets.preprocess import IMAGE_EXTS
-from kmim.datasets.shards import HASH_CHUNK, decode_npy, iter_tar, sample_meta
+from kmim.datasets.codebook import load_codebook
+from kmim.datasets.manifest import (
+    CODEBOOK,
+    ManifestError,
+    TokenCounts,
+    TokenSpec,
+    check_sample,
+    read_index,
+    read_index_stats,
+    read_manifest,
+)
+from kmim.datasets.shards import ShardError, iter_tar
+from kmim.files import HASH_CHUNK
 from kmim.storage import get_file, is_local, join, open_url
-from kmim.tokenizers.codebook import load_codebook
 
 
 class _Hashing(io.RawIOBase):
@@ -69,13 +77,13 @@ def _check_shard(fs: AbstractFileSystem, root: str, entry: dict, manifest: dict,
 
 
 def _check_samples(stream: IO[bytes], name: str, manifest: dict,
-                   keys: set[str]) -> tuple[list[str], list[str], dict[int, np.ndarray], bool]:
-    """(problems, sample keys, token counts per label, whether the tar parsed) of one shard's samples."""
+                   keys: set[str]) -> tuple[list[str], list[str], TokenCounts, bool]:
+    """(problems, sample keys, token counts of the samples that passed, whether the tar parsed) of one shard's
+    samples; a sample's first problem is reported (:func:`~kmim.datasets.manifest.check_sample`)."""
     problems: list[str] = []
-    k = manifest["codebook"]["k"]
-    shape, dtype = manifest["token_grid"]["shape"], manifest["token_grid"]["dtype"]
+    spec = TokenSpec.of(manifest)
     tar_keys: list[str] = []
-    counts: dict[int, np.ndarray] = {}
+    counts = TokenCounts(spec.k)
     try:
         for sample in iter_tar(stream, name):
             key = sample["__key__"]
@@ -84,30 +92,21 @@ def _check_samples(stream: IO[bytes], name: str, manifest: dict,
             if key in keys:
                 problems.append(f"{where}: key also appears in another shard")
             keys.add(key)
-            images = [e for e in IMAGE_EXTS if e in sample]
-            if len(images) != 1:
-                problems.append(f"{where}: expected one image member, found {images or 'none'}")
-            meta = sample_meta(sample, name)
-            if meta.get("key") != key:
-                problems.append(f"{where}: .json key does not match the member name")
-            if "tokens.npy" not in sample:
-                problems.append(f"{where}: no .tokens.npy")
+            try:
+                checked = check_sample(sample, spec, where)
+            except ShardError as e:
+                problems.append(str(e))
                 continue
-            tokens = decode_npy(sample["tokens.npy"])
-            if (problem := token_problem(tokens, dtype, shape, k)) is not None:
-                problems.append(f"{where}: {problem}")
-            else:
-                label = -1 if meta.get("label") is None else meta["label"]
-                counts[label] = counts.get(label, 0) + np.bincount(tokens.ravel(), minlength=k)
+            counts.add_grid(checked.tokens, checked.meta.get("label"))
     except Exception as e:  # noqa: BLE001 - any parse failure of a shard is a verification failure
         return problems + [f"{name}: unreadable: {type(e).__name__}: {e}"], tar_keys, counts, False
     return problems, tar_keys, counts, True
 
 
 def _check_index(fs: AbstractFileSystem, path: str, entry: dict, manifest: dict, tar_keys: list[str],
-                 counts: dict[int, np.ndarray]) -> list[str]:
+                 counts: TokenCounts) -> list[str]:
     """Problems of a shard's index: its 'ok' rows and token counts must match the shard's samples."""
-    name, k, problems = entry["path"], manifest["codebook"]["k"], []
+    name, problems = entry["path"], []
     if (problem := _not_a_file(fs, path)) is not None:
         return [f"{entry['index']}: {problem}"]
     try:
@@ -118,16 +117,15 @@ def _check_index(fs: AbstractFileSystem, path: str, entry: dict, manifest: dict,
     if stats.get("tokenizer_id") != manifest["tokenizer_id"]:
         problems.append(f"{entry['index']}: tokenizer_id {stats.get('tokenizer_id')!r} is not the manifest's "
                         f"{manifest['tokenizer_id']!r} ({name} was tokenized with another codebook)")
-    tc = stats["token_counts"]
-    if any(t >= k for t in tc["token"]):
-        return problems + [f"{entry['index']}: field 'token_counts': a token id is out of range [0, {k})"]
+    stored = TokenCounts(counts.k)
+    try:
+        stored.add_columns(stats["token_counts"], entry["index"])
+    except ManifestError as e:
+        return problems + [str(e)]
     ok_keys = [k_ for k_, s in zip(index["key"], index["status"], strict=True) if s == "ok"]
     if ok_keys != tar_keys:
         problems.append(f"{entry['index']}: 'ok' rows do not match the samples in {name}")
-    stored: dict[int, np.ndarray] = {}
-    for label, token, count in zip(tc["label"], tc["token"], tc["count"], strict=True):
-        stored.setdefault(label, np.zeros(k, np.int64))[token] += count
-    if sorted(stored) != sorted(counts) or any(not np.array_equal(stored[lab], counts[lab]) for lab in counts):
+    if stored != counts:
         problems.append(f"{entry['index']}: token counts do not match the tokens in {name}")
     return problems
 

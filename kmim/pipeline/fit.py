@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kmim.datasets.shards import tmp_path
+from kmim.files import AtomicFile
 from kmim.pipeline.runners import cpus_per_gpu, ensure_ray, map_shards
 from kmim.pipeline.sources import InputShard
 from kmim.pipeline.stages import json_digest, preprocess_of, sample_fit_features
@@ -73,10 +73,8 @@ def shard_features(shard: InputShard, cfg, sample: FitSample) -> np.ndarray:
         return np.load(path, allow_pickle=False).astype(np.float32)
     feats = sample_fit_features(shard, cfg, sample.images, sample.patches).astype(np.float16)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
+    with AtomicFile(path) as f:
         np.save(f, feats, allow_pickle=False)
-    tmp.replace(path)
     return feats.astype(np.float32)
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from fsspec import AbstractFileSystem
 
-from kmim.config import ConfigError, JobConfig
+from kmim.config import ConfigError, JobConfig, material_settings
+from kmim.datasets.codebook import Codebook, load_codebook, save_codebook
 from kmim.datasets.manifest import (
     CODEBOOK,
     JOB_FILE,
@@ -40,6 +41,8 @@ from kmim.datasets.manifest import (
     shard_name,
     write_manifest,
 )
+from kmim.files import TMP_GLOB
+from kmim.pipeline.checks import check_extractor
 from kmim.pipeline.compute import Compute, resolve_compute
 from kmim.pipeline.fit import FitError, FitSample, fit_sample_kmeans
 from kmim.pipeline.lock import hold_output
@@ -59,16 +62,10 @@ from kmim.storage import (
     staging_dir,
     url_of,
 )
-from kmim.tokenizers.codebook import Codebook, load_codebook, save_codebook
 from kmim.tokenizers.extractors import build_extractor
 from kmim.tokenizers.metrics import dataset_report
 
 log = logging.getLogger("kmim")
-# Settings that do not change any output byte; everything else must match to resume into a directory.
-# ``device`` neither: where features are computed changes no token beyond float rounding; ``dtype`` does.
-_NOT_MATERIAL = {"out", "storage_options", "staging", "runner", "ray_address", "max_in_flight", "batch_size",
-                 "assign", "feature_cache", "task_retries", "kmeans_workers", "decode_threads", "gpu_wait_s",
-                 "device"}
 
 
 class JobError(RuntimeError):
@@ -76,9 +73,10 @@ class JobError(RuntimeError):
 
 
 def _check_job_file(fs: AbstractFileSystem, root: str, cfg: JobConfig, shards: list[InputShard]) -> None:
-    """Record the job's material settings; refuse to resume a directory written with other settings."""
+    """Record the job's material settings (:func:`kmim.config.material_settings`); refuse to resume a directory
+    written with other settings."""
     # URLs are stored redacted (no passwords, no presigned signatures): rotating a credential is not a new job.
-    settings = {**cfg.model_dump(exclude=_NOT_MATERIAL), "input": cfg.input and redact(cfg.input)}
+    settings = {**material_settings(cfg), "input": cfg.input and redact(cfg.input)}
     job = {"settings": settings, "inputs": json_digest([redact_text(repr(s)) for s in shards])}
     out = redact(cfg.out)
     try:
@@ -99,12 +97,12 @@ def _outputs(fs: AbstractFileSystem, root: str, work: Path) -> set[str]:
     """Names of the files in the output after deleting leftovers of a killed run (hidden temporary files, never
     visible as outputs) there and in the local working directory."""
     if not is_local(fs):
-        for stale in work.glob(".*.tmp-*"):
+        for stale in work.glob(TMP_GLOB):
             stale.unlink()
     names = set(list_sizes(fs, root))
-    for stale in fnmatch.filter(names, ".*.tmp-*"):
+    for stale in fnmatch.filter(names, TMP_GLOB):
         fs.rm_file(join(root, stale))
-    return {n for n in names if not fnmatch.fnmatch(n, ".*.tmp-*")}
+    return {n for n in names if not fnmatch.fnmatch(n, TMP_GLOB)}
 
 
 def _foreign(fs: AbstractFileSystem, root: str, names: list[str], tokenizer_id: str) -> set[str]:
@@ -206,6 +204,7 @@ def run_job(cfg: JobConfig) -> dict:
     """Run (or resume) a job; returns a summary with the tokenizer report. Raises JobError on failures, LockError
     when another run holds the output."""
     t_start = time.perf_counter()
+    check_extractor(cfg)
     shards, labels = plan_inputs(cfg)
     compute = resolve_compute(cfg)
     fs, root = open_url(cfg.out, cfg.storage_options)

@@ -18,7 +18,7 @@ from fsspec import AbstractFileSystem
 from tqdm import tqdm
 
 from kmim.datasets.manifest import JOB_FILE, MANIFEST, read_manifest
-from kmim.datasets.shards import sha256_file
+from kmim.files import sha256_file
 from kmim.storage import join, list_sizes, open_url, put_verified, redact, sha256_remote, url_of
 
 WORKERS = 8

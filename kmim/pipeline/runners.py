@@ -22,7 +22,8 @@ Failures: an item whose worker, actor or node died (or whose result was lost), o
 error that looks transient (``OSError`` such as a storage hiccup, ``MemoryError``, CUDA out of memory), is
 run again, up to ``retries`` more times; a dead actor is replaced first. A full disk, a read-only filesystem,
 a missing file or a denied permission is never retried. Any other exception is
-deterministic (bad input beyond what the stage skips per image, or a bug) and is not retried. A failed
+deterministic (bad input beyond what the stage skips per image, or a bug) and is not retried (the judgement
+and the count are :class:`kmim.retry.RetryPolicy`'s; a retry runs at once, with no backoff). A failed
 item yields a :class:`ShardFailed` that says what failed, why, and after how many attempts. Retrying is
 safe because stages are idempotent: an output's name derives from its input shard and is written under a
 temporary name, then renamed, so at-least-once execution leaves exactly one copy of every output.
@@ -30,6 +31,7 @@ temporary name, then renamed, so at-least-once execution leaves exactly one copy
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections import deque
@@ -37,30 +39,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
-from kmim.storage import is_transient
+from kmim.retry import RetryPolicy, is_cuda_error, is_transient
 
 TASK_RETRIES = 2
 ITEMS_PER_ACTOR = 2
+LOOPBACK = "127.0.0.1"
 log = logging.getLogger("kmim")
-
-
-def is_cuda_error(error: BaseException) -> bool:
-    """A CUDA error other than out-of-memory: the process's CUDA context may be broken for good, so the actor
-    that raised it is retired and its item retried on a fresh one."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return False
-    cuda_message = isinstance(error, RuntimeError) and str(error).startswith(("CUDA error", "CUDA driver error"))
-    return isinstance(error, torch.AcceleratorError) or cuda_message
-
-
-def _is_transient(error: BaseException) -> bool:
-    """Whether a stage error may pass on retry: memory and CUDA errors, and I/O errors as
-    :func:`kmim.storage.is_transient` judges them (not a full disk, a read-only filesystem, a missing file or a
-    denied permission)."""
-    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or is_cuda_error(error) or is_transient(error)
 
 
 class ShardFailed(Exception):
@@ -89,32 +75,43 @@ def ensure_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING)
+        init_ray_on_loopback(logging_level=logging.WARNING)
+
+
+def init_ray_on_loopback(**options: Any) -> None:
+    """Start a new single-node Ray cluster whose node listens on 127.0.0.1 only (no dashboard), with
+    ``ray.init``'s public ``options``.
+
+    Adapter around a private Ray API: ``ray.init``'s ``_node_ip_address`` keyword, the only way to bind an
+    embedded cluster to the loopback interface. This is the one place that passes it (tests start their
+    local cluster through here too); ``tests/test_private_apis.py`` fails when Ray drops it.
+    """
+    import ray
+
+    ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, **options)
 
 
 def _describe(item: Any) -> str:
     return item.describe() if hasattr(item, "describe") else repr(item)
 
 
-def _attempt_local(fn: Callable[..., Any], item: Any, args: tuple, retries: int) -> tuple[Any, ShardFailed | None]:
-    """(result, None) or (None, failure) of ``fn(item, *args)`` in-process, retrying transient errors."""
-    attempts = 0
-    while True:
-        attempts += 1
+def _attempt_local(fn: Callable[..., Any], item: Any, args: tuple, policy: RetryPolicy,
+                   ) -> tuple[Any, ShardFailed | None]:
+    """(result, None) or (None, failure) of ``fn(item, *args)`` in-process, retrying as ``policy`` says."""
+    for attempt in itertools.count(1):
         try:
             return fn(item, *args), None
         except Exception as e:  # noqa: BLE001 - reported per item by the caller
-            transient = _is_transient(e)
-            if not transient or attempts > retries:
-                return None, ShardFailed(e, attempts, transient)
+            if not policy.should_retry(e, attempt):
+                return None, ShardFailed(e, attempt, policy.transient(e))
             log.warning("%s: %s: %s; retrying (attempt %d of %d)", _describe(item), type(e).__name__, e,
-                        attempts + 1, retries + 1)
+                        attempt + 1, policy.attempts)
 
 
-def _run_local(fn: Callable[..., Any], items: Sequence[Any], args: tuple, retries: int,
+def _run_local(fn: Callable[..., Any], items: Sequence[Any], args: tuple, policy: RetryPolicy,
                ) -> Iterator[tuple[Any, Any, BaseException | None]]:
     for item in items:
-        yield item, *_attempt_local(fn, item, args, retries)
+        yield item, *_attempt_local(fn, item, args, policy)
 
 
 class _StageActor:
@@ -218,14 +215,14 @@ def _outcome(ref: Any) -> tuple[Any, BaseException | None, bool]:
         return ray.get(ref), None, False
     except ray.exceptions.RayTaskError as e:  # the stage raised: judge its own exception
         cause = e.cause if isinstance(e.cause, BaseException) else e
-        return None, cause, _is_transient(cause)
+        return None, cause, is_transient(cause)
     except ray.exceptions.TaskCancelledError as e:
         return None, e, False
     except ray.exceptions.RayError as e:  # worker / actor / node death, lost object: the system, not the input
         return None, e, True
 
 
-def _run_ray(pool: _TaskPool | _ActorPool, items: Sequence[Any], retries: int,
+def _run_ray(pool: _TaskPool | _ActorPool, items: Sequence[Any], policy: RetryPolicy,
              ) -> Iterator[tuple[Any, Any, BaseException | None]]:
     import ray
 
@@ -242,9 +239,9 @@ def _run_ray(pool: _TaskPool | _ActorPool, items: Sequence[Any], retries: int,
         pool.finished(ref, error)
         if error is None:
             yield work.item, result, None
-        elif transient and work.attempts <= retries:
+        elif transient and policy.has_attempts_left(work.attempts):
             log.warning("%s: %s: %s; retrying (attempt %d of %d)", _describe(work.item), type(error).__name__,
-                        str(error).splitlines()[0] if str(error) else "", work.attempts + 1, retries + 1)
+                        str(error).splitlines()[0] if str(error) else "", work.attempts + 1, policy.attempts)
             todo.appendleft(work)
         else:
             yield work.item, None, ShardFailed(error, work.attempts, transient)
@@ -259,11 +256,12 @@ def map_shards(fn: Callable[..., Any], items: Sequence[Any], *args: Any, runner:
     Ray), items run on a pool of that many GPU actors, one whole GPU each; otherwise as CPU tasks (see the
     module docstring for bounds and retries). Progress (items, rate, ETA) goes to stderr.
     """
+    policy = RetryPolicy(attempts=retries + 1, transient=is_transient)
     bar = tqdm(total=len(items), desc=desc, unit="shard", dynamic_ncols=True)
     pool: _TaskPool | _ActorPool | None = None
     try:
         if runner == "local":
-            outcomes = _run_local(fn, items, args, retries)
+            outcomes = _run_local(fn, items, args, policy)
         else:
             import ray
 
@@ -275,7 +273,7 @@ def map_shards(fn: Callable[..., Any], items: Sequence[Any], *args: Any, runner:
                 pool = _ActorPool(fn, shared, gpus, per_actor)
             else:
                 pool = _TaskPool(fn, shared, max_in_flight or max(1, 2 * int(resources.get("CPU", 1))))
-            outcomes = _run_ray(pool, items, retries)
+            outcomes = _run_ray(pool, items, policy)
         for outcome in outcomes:
             bar.update()
             yield outcome

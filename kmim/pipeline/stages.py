@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from fsspec import AbstractFileSystem
 
-from kmim.datasets.manifest import CODEBOOK, index_name, shard_name, write_index
+from kmim.datasets.codebook import Codebook, load_codebook
+from kmim.datasets.manifest import CODEBOOK, TokenCounts, index_name, shard_name, write_index
 from kmim.datasets.preprocess import Preprocess, SkipImage, View, decode_view
 from kmim.datasets.shards import ShardWriter, encode_npy
 from kmim.pipeline.sources import InputShard, RawSample, read_shard
 from kmim.storage import get_file, is_local, join, open_url, put_verified, staging_dir
 from kmim.tokenizers.assign import nearest
-from kmim.tokenizers.codebook import Codebook, load_codebook
 from kmim.tokenizers.extractors import build_extractor
 
 log = logging.getLogger("kmim")
@@ -173,7 +173,7 @@ def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> 
     writer = ShardWriter(out / name)
     rows: list[dict] = []
     skipped: dict[str, int] = {}
-    counts: dict[int, np.ndarray] = {}
+    counts = TokenCounts(book.k)
     timing = {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
     pending: list[tuple[RawSample, View]] = []
 
@@ -200,16 +200,14 @@ def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> 
         t2 = time.perf_counter()
         for (raw, view), grid in zip(pending, tokens, strict=True):
             key = sample_key(raw.source)
-            label = -1 if raw.label is None else raw.label
-            counts.setdefault(label, np.zeros(book.k, np.int64))
-            counts[label] += np.bincount(grid.ravel(), minlength=book.k)
+            counts.add_grid(grid, raw.label)
             meta = {"key": key, "source": raw.source, "label": raw.label, "view": view.geometry}
             writer.write({"__key__": key, view.ext: view.data, "tokens.npy": encode_npy(grid),
                           "json": json.dumps(meta, sort_keys=True).encode()})
         timing["write"] += time.perf_counter() - t2
         pending.clear()
 
-    try:
+    with writer:  # an exception discards the shard (its temporary file)
         t = time.perf_counter()
         for raw, view, reason in _decoded(shard, cfg):
             timing["decode"] += time.perf_counter() - t
@@ -226,19 +224,12 @@ def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> 
         if pending:
             flush()
         t = time.perf_counter()
-        sha, nbytes = writer.close()
-        labels = sorted(counts)
-        nz = [(lab, tok, int(counts[lab][tok])) for lab in labels for tok in np.flatnonzero(counts[lab])]
+        sha, nbytes = writer.finish()  # hashed while written
         stats = {"samples": writer.samples, "inputs": len(rows), "bytes": nbytes, "sha256": sha,
-                 "skipped": skipped, "tokenizer_id": book.tokenizer_id,
-                 "token_counts": {"label": [r[0] for r in nz], "token": [int(r[1]) for r in nz],
-                                  "count": [r[2] for r in nz]}}
-        write_index(out / index_name(name), rows, stats)
+                 "skipped": skipped, "tokenizer_id": book.tokenizer_id, "token_counts": counts.columns()}
+        write_index(out / index_name(name), rows, stats)  # the index first: a finished shard has its index
         writer.commit()
         timing["write"] += time.perf_counter() - t
-    except BaseException:
-        writer.abort()
-        raise
     if not is_local(fs):
         t = time.perf_counter()
         try:  # the index first: a shard whose tar is there always has its index

@@ -53,13 +53,24 @@ def _config(model: str, kwargs: dict, tag: str | None) -> tuple[dict, tuple, tup
     return _merge(cfg, kwargs), tuple(pre["mean"]), tuple(pre["std"])
 
 
+def build_vision_tower(embed_dim: int, vision_cfg: dict, quick_gelu: bool) -> torch.nn.Module:
+    """open_clip's randomly initialized image tower (``VisionTransformer``, or ``ModifiedResNet`` when
+    ``vision_cfg["layers"]`` is a list) for the ``vision_cfg`` of a model config, without the text tower.
+
+    Adapter around a private open_clip API: ``open_clip.model._build_vision_tower``, the only builder of the image
+    tower alone (``open_clip.create_model`` builds the whole CLIP). This is the one place that calls it;
+    ``tests/test_private_apis.py`` fails when open_clip renames or reshapes it.
+    """
+    from open_clip.model import _build_vision_tower
+
+    return _build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
+
+
 def build(model: str, kwargs: dict, tag: str | None, layer: int | None, img_size: int | None) -> Backbone:
     """Randomly initialized image tower cut at ``layer``, on torch's default device.
 
     ``img_size`` None keeps the config's input size; otherwise a ViT's position embedding grid is sized for it.
     """
-    from open_clip.model import _build_vision_tower
-
     cfg, mean, std = _config(model, kwargs, tag)
     vision = dict(cfg["vision_cfg"])
     if vision.get("timm_model_name") or vision.get("attentional_pool"):
@@ -71,7 +82,7 @@ def build(model: str, kwargs: dict, tag: str | None, layer: int | None, img_size
         native = native[0]
     if img_size is not None:
         vision["image_size"] = img_size
-    tower = _build_vision_tower(cfg["embed_dim"], vision, quick_gelu=cfg.get("quick_gelu", False))
+    tower = build_vision_tower(cfg["embed_dim"], vision, quick_gelu=cfg.get("quick_gelu", False))
     arch = {"library": "open_clip", "class": type(tower).__name__, "embed_dim": cfg["embed_dim"],
             "quick_gelu": bool(cfg.get("quick_gelu", False)), "vision_cfg": {**vision, "image_size": native}}
     if isinstance(vision.get("layers"), (list, tuple)):

@@ -7,6 +7,7 @@ The features are the patch tokens of one block, after the model's final norm (as
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,11 +68,24 @@ def resolve(model: str, weights: str | None) -> tuple[Path, str | None]:
     return find_weights(model, cands, weights, hint), None
 
 
+def checkpoint_filter(net: torch.nn.Module) -> Callable[[dict, torch.nn.Module], dict] | None:
+    """timm's checkpoint converter for ``net``'s architecture, or None when its model file has none:
+    ``filter(state_dict, net)`` maps DINO / DINOv2 / original-format keys to timm's and resamples the position
+    embedding to ``net``'s grid.
+
+    Adapter around a private timm convention: each model file (``timm.models.vision_transformer``...) defines a
+    module-level ``checkpoint_filter_fn``, which timm hands to its own pretrained loader; timm has no public way
+    to look it up for a model. This is the one place that finds it; ``tests/test_private_apis.py`` fails when
+    timm renames it or stops converting.
+    """
+    return getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
+
+
 def load(backbone: Backbone, path: Path, model: str) -> None:
     """Load a timm-, DINO- or DINOv2-format checkpoint, resampling the position embedding to the model's grid."""
     net = backbone.module
     sd = read_state_dict(path)
-    filter_fn = getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
+    filter_fn = checkpoint_filter(net)
     if filter_fn is not None:
         sd = filter_fn(sd, net)
     load_into(net, sd, path, model)

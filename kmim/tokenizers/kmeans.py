@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kmim.datasets.shards import tmp_path
+from kmim.files import atomic_write
 from kmim.tokenizers.assign import ieee_fp32, nearest
 
 logger = logging.getLogger("kmim")
@@ -350,16 +349,11 @@ def save_checkpoint(directory: Path, state: KMeansState, settings: dict) -> None
     """One safetensors file (centroids, counts, generator state; epoch, history and settings as JSON
     metadata), written to a temporary name and renamed, so a crash leaves the previous epoch's file."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / CHECKPOINT
-    tmp = tmp_path(final)
     meta = {"format": _CHECKPOINT_FORMAT, "epoch": state.epoch, "history": state.history, "settings": settings}
     tensors = {"centroids": state.centroids.contiguous(), "counts": state.counts.contiguous(),
                "generator": state.generator.get_state()}
-    try:
-        save_file(tensors, str(tmp), metadata={"kmim-kmeans": json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(directory / CHECKPOINT,
+                 lambda tmp: save_file(tensors, str(tmp), metadata={"kmim-kmeans": json.dumps(meta, sort_keys=True)}))
 
 
 def load_checkpoint(directory: Path, settings: dict, epochs: int) -> KMeansState | None:

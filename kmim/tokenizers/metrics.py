@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from fsspec import AbstractFileSystem
 
-from kmim.datasets.manifest import ManifestError, read_index_stats, read_manifest
+from kmim.datasets.manifest import TokenCounts, read_index_stats, read_manifest
 from kmim.storage import join
 
 
@@ -60,14 +60,11 @@ def dataset_report(root: str | Path, fs: AbstractFileSystem | None = None) -> di
     """
     manifest = read_manifest(root, fs)
     k = manifest["codebook"]["k"]
-    by_label: dict[int, np.ndarray] = {}
+    counted = TokenCounts(k)
     for entry in manifest["shards"]:
         path = join(str(root), entry["index"])
-        tc = read_index_stats(path, fs)["token_counts"]
-        if any(t >= k for t in tc["token"]):
-            raise ManifestError(f"{path}: field 'token_counts': a token id is out of range [0, {k})")
-        for label, token, count in zip(tc["label"], tc["token"], tc["count"], strict=True):
-            by_label.setdefault(label, np.zeros(k, np.int64))[token] += count
+        counted.add_columns(read_index_stats(path, fs)["token_counts"], path)
+    by_label = counted.by_label
     labels = sorted(by_label)
     labeled = bool(labels) and -1 not in labels
     counts = np.stack([by_label[lab] for lab in labels], axis=1) if labels else np.zeros((k, 1), np.int64)

@@ -7,7 +7,6 @@ the weight files themselves. Files load with safetensors or ``torch.load(weights
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from kmim.files import sha256_file
 
 # Checkpoint wrappers, unwrapped in this order of preference (DINO checkpoints hold "teacher" and "student").
 _WRAPPERS = ("state_dict", "model", "teacher", "module")
@@ -121,14 +122,12 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path, 
 
 @lru_cache(maxsize=8)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex sha256 of ``path``; ``size`` (bytes) and ``mtime_ns`` only key the cache."""
+    return sha256_file(path)[0]
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 hex digest, computed once per process for an unchanged file."""
+    """Hex sha256 of a weights file (:func:`kmim.files.sha256_file`), computed once per process while the file
+    is unchanged (same size and mtime)."""
     st = os.stat(path)
     return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)

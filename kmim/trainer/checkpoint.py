@@ -15,12 +15,10 @@ visible; the state records the sha256 of its weights file, so a mismatched pair 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kmim.datasets.shards import tmp_path
+from kmim.files import TMP_GLOB, atomic_write, sha256_file
 
 STATE_FORMAT = "kmim-train-state/1"
 CHECKPOINTS = "checkpoints"
@@ -46,24 +44,6 @@ class Checkpoint:
     step: int
     weights: Path
     state: Path
-
-
-def atomic_write(final: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a hidden sibling of ``final``, then rename it onto ``final``."""
-    tmp = tmp_path(final)
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -98,12 +78,12 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict) -> 
     """Write ``model``'s weights and ``state`` (plus format, step and the weights' sha256) for ``step``."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".*.tmp-*"):  # left by a crash; only one process writes checkpoints
+    for stale in root.glob(TMP_GLOB):  # left by a crash; only one process writes checkpoints
         stale.unlink(missing_ok=True)
     ckpt = Checkpoint(step, root / f"step_{step:08d}.safetensors", root / f"step_{step:08d}.state.pt")
     tensors = _weights(model)
     atomic_write(ckpt.weights, lambda p: save_file(tensors, p, metadata={"step": str(step)}))
-    full = {**state, "format": STATE_FORMAT, "step": step, "weights_sha256": sha256_file(ckpt.weights)}
+    full = {**state, "format": STATE_FORMAT, "step": step, "weights_sha256": sha256_file(ckpt.weights)[0]}
     atomic_write(ckpt.state, lambda p: torch.save(full, p))
     pointer = {"step": step, "weights": ckpt.weights.name, "state": ckpt.state.name}
     atomic_write(root / LATEST, lambda p: p.write_text(json.dumps(pointer) + "\n"))
@@ -148,6 +128,6 @@ def load_state(ckpt: Checkpoint) -> dict:
         raise CheckpointError(f"{ckpt.state}: missing") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("step") != ckpt.step:
         raise CheckpointError(f"{ckpt.state}: not a {STATE_FORMAT} file for step {ckpt.step}")
-    if sha256_file(ckpt.weights) != state["weights_sha256"]:
+    if sha256_file(ckpt.weights)[0] != state["weights_sha256"]:
         raise CheckpointError(f"{ckpt.weights}: sha256 does not match the one {ckpt.state.name} recorded")
     return state

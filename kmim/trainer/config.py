@@ -7,15 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from kmim.config import load_config
+from kmim.config import NOT_MATERIAL, load_config
 from kmim.trainer.mto import MTOConfig
 from kmim.trainer.objectives import decoder_config
 from kmim.trainer.vit import ViTConfig, vit_config
-
-# Settings a resumed run must share with the run it continues: they fix the architecture or the data order.
-RESUME_FIXED = ("objective", "mto", "model", "model_dim", "model_depth", "model_heads", "decoder_dim",
-                "decoder_depth", "decoder_heads", "mask_ratio", "batch_size", "accum_steps", "seed", "hflip",
-                "shuffle_window")
 
 
 class TrainConfig(BaseModel):
@@ -23,31 +18,48 @@ class TrainConfig(BaseModel):
 
     Steps are optimizer steps; one step consumes ``accum_steps`` micro-batches of ``batch_size`` images on
     every rank, i.e. ``batch_size * accum_steps * world_size`` images.
+
+    Material settings (every field not tagged NOT_MATERIAL: the architecture, the objective, the data order,
+    the seed and the optimization schedule) must not change when a run resumes; what is tagged changes where
+    or how fast the run computes, what it logs and when it checkpoints, or where it stops. ``data`` is not
+    material: a resumed run checks the dataset's tokenizer_id instead, so the dataset may move.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    data: str = Field(description="dataset directory or fsspec URL (a committed kmim dataset)")
-    out: str = Field(description="run directory (local): config, checkpoints, metrics.jsonl, curves.png")
-    objective: Literal["kmim", "mae", "beit"] = "kmim"
+    data: str = Field(description="dataset directory or fsspec URL (a committed kmim dataset)",
+                      json_schema_extra=NOT_MATERIAL)
+    out: str = Field(description="run directory (local): config, checkpoints, metrics.jsonl, curves.png",
+                     json_schema_extra=NOT_MATERIAL)
+    objective: Literal["kmim", "mae", "beit"] = Field("kmim", description="what the masked patches are trained "
+                                                      "to predict: their tokens, their pixels, or BEiT's tokens")
     mto: bool = Field(False, description="add the Masked Token Optimization losses")
-    mto_w_spa: float | None = Field(None, ge=0, validate_default=True)
-    mto_w_e: float | None = Field(None, ge=0, validate_default=True)
-    mto_w_r: float | None = Field(None, ge=0, validate_default=True)
-    mto_eps: float | None = Field(None, gt=0, validate_default=True)
+    mto_w_spa: float | None = Field(None, ge=0, validate_default=True,
+                                    description=f"MTO sparsity weight; default {MTOConfig.w_spa}")
+    mto_w_e: float | None = Field(None, ge=0, validate_default=True,
+                                  description=f"MTO 1/H(0) weight; default {MTOConfig.w_e}")
+    mto_w_r: float | None = Field(None, ge=0, validate_default=True,
+                                  description=f"MTO heterogeneity-ranking weight; default {MTOConfig.w_r}")
+    mto_eps: float | None = Field(None, gt=0, validate_default=True,
+                                  description=f"MTO eps in 1/(H(0)+eps); default {MTOConfig.eps}")
     mto_scale: bool | None = Field(None, validate_default=True,
-                                   description="divide MTO's dot products by sqrt(width); off = the paper's formula")
-    model: Literal["tiny", "small", "base"] = "tiny"
+                                   description="divide MTO's dot products by sqrt(width); default off: the "
+                                               "paper's formula")
+    model: Literal["tiny", "small", "base"] = Field("tiny", description="encoder size")
     model_dim: int | None = Field(None, ge=4, description="encoder width override")
     model_depth: int | None = Field(None, ge=1, description="encoder blocks override")
     model_heads: int | None = Field(None, ge=1, description="encoder attention heads override")
-    decoder_dim: int | None = Field(None, ge=4, validate_default=True, description="decoder width override")
-    decoder_depth: int | None = Field(None, ge=1, validate_default=True, description="decoder blocks override")
-    decoder_heads: int | None = Field(None, ge=1, validate_default=True, description="decoder heads override")
-    mask_ratio: float | None = Field(None, gt=0, lt=1, description="default: 0.75 (kmim, mae), 0.4 (beit)")
+    decoder_dim: int | None = Field(None, ge=4, validate_default=True, description="decoder width override (kmim, mae)")
+    decoder_depth: int | None = Field(None, ge=1, validate_default=True,
+                                      description="decoder blocks override (kmim, mae)")
+    decoder_heads: int | None = Field(None, ge=1, validate_default=True,
+                                      description="decoder heads override (kmim, mae)")
+    mask_ratio: float | None = Field(None, gt=0, lt=1, description="share of patches masked; default: 0.75 "
+                                                                   "(kmim, mae), 0.4 (beit)")
     epochs: int = Field(1, ge=1, description="length of the learning-rate schedule")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (the schedule still "
-                                                          "spans 'epochs'); counts steps of earlier runs")
+    max_steps: int | None = Field(None, ge=1, json_schema_extra=NOT_MATERIAL,
+                                  description="stop after this many steps (the schedule still spans 'epochs'); "
+                                              "counts steps of earlier runs")
     batch_size: int = Field(64, ge=1, description="images per micro-batch per rank")
     accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(1.5e-3, gt=0, description="peak learning rate")
@@ -55,19 +67,23 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps before the cosine decay")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases, norms, tokens)")
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 = no clipping")
-    seed: int = Field(0, ge=0)
-    workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    seed: int = Field(0, ge=0, description="seed of the initialization, the sample order and the masks")
+    workers: int = Field(0, ge=0, json_schema_extra=NOT_MATERIAL, description="DataLoader worker processes per rank")
     shuffle_window: int = Field(4096, ge=1, description="samples shuffled together (see the loader)")
     hflip: bool = Field(False, description="mirror image and token grid with probability 0.5")
-    verify: bool = Field(True, description="check each shard's sha256 when it is read")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda)$", description="auto = CUDA if available")
-    amp: bool = Field(True, description="bf16 autocast on CUDA (no effect on CPU)")
-    log_every: int = Field(10, ge=1, description="steps between metrics.jsonl lines")
-    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; default: each "
-                                                                 "epoch (always at the end)")
-    resume: bool = Field(False, description="continue from the run directory's latest checkpoint")
-    sample_log: bool = Field(False, description="audit: each rank appends the sample ids it trained on to "
-                                                "samples.rank<R>.jsonl")
+    verify: bool = Field(True, json_schema_extra=NOT_MATERIAL, description="check each shard's sha256 on read")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda)$", json_schema_extra=NOT_MATERIAL,
+                        description="auto | cpu | cuda; auto = CUDA if available")
+    amp: bool = Field(True, json_schema_extra=NOT_MATERIAL, description="bf16 autocast on CUDA (no effect on CPU)")
+    log_every: int = Field(10, ge=1, json_schema_extra=NOT_MATERIAL, description="steps between metrics.jsonl lines")
+    checkpoint_every: int | None = Field(None, ge=1, json_schema_extra=NOT_MATERIAL,
+                                         description="steps between checkpoints; default: each epoch (always at "
+                                                     "the end)")
+    resume: bool = Field(False, json_schema_extra=NOT_MATERIAL,
+                         description="continue from the run directory's latest checkpoint")
+    sample_log: bool = Field(False, json_schema_extra=NOT_MATERIAL,
+                             description="audit: each rank appends the sample ids it trained on to "
+                                         "samples.rank<R>.jsonl")
 
     @field_validator("mto_w_spa", "mto_w_e", "mto_w_r", "mto_eps", "mto_scale")
     @classmethod

@@ -30,9 +30,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kmim import __version__
+from kmim.config import material_settings
 from kmim.datasets.loader import Augment, TokenDataset, TokenLoader, open_manifest
+from kmim.files import atomic_write
 from kmim.trainer.checkpoint import (
-    atomic_write,
     latest_checkpoint,
     load_state,
     load_weights,
@@ -40,7 +41,7 @@ from kmim.trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from kmim.trainer.config import RESUME_FIXED, TrainConfig
+from kmim.trainer.config import TrainConfig
 from kmim.trainer.objectives import MIMObjective, build_objective
 from kmim.trainer.plot import plot_curves
 
@@ -135,7 +136,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def check_run_dir(cfg: TrainConfig, info: dict) -> None:
     """Refuse a run directory this run cannot continue (an existing run without --resume, another tokenizer,
-    changed architecture or data order)."""
+    a changed material setting: :func:`kmim.config.material_settings`)."""
     run = Path(cfg.out)
     if (run / RUN_CONFIG).exists():
         if not cfg.resume:
@@ -145,11 +146,11 @@ def check_run_dir(cfg: TrainConfig, info: dict) -> None:
             raise TrainError(f"{cfg.data}: tokenizer_id {info['tokenizer_id']!r} is not the "
                              f"{previous['dataset']['tokenizer_id']!r} this run was trained on (tokens from "
                              "another codebook)")
-        old, new = previous["config"], cfg.model_dump()
-        for field in RESUME_FIXED:
-            if old.get(field) != new[field]:
+        old = previous["config"]
+        for field, value in material_settings(cfg).items():
+            if old.get(field) != value:
                 raise TrainError(f"--resume: field '{field}' is {old.get(field)!r} in {run / RUN_CONFIG}, "
-                                 f"{new[field]!r} now; it must not change within a run")
+                                 f"{value!r} now; it must not change within a run")
 
 
 def write_run_config(cfg: TrainConfig, info: dict, world: int) -> None:
@@ -212,6 +213,161 @@ def gather_rng(world: int) -> list[dict]:
     return everyone
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """A run's length, in optimizer steps."""
+
+    steps_per_epoch: int
+    total_steps: int  # the learning-rate schedule spans ``epochs`` epochs
+    stop: int  # the step this invocation ends at: ``total_steps``, or ``max_steps`` when that is sooner
+    ckpt_every: int
+    samples_per_step: int  # images per optimizer step, over all ranks
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, world: int, batches_per_epoch: int) -> Schedule:
+        """The schedule of ``cfg`` over ``world`` ranks that each get ``batches_per_epoch`` micro-batches."""
+        steps_per_epoch = batches_per_epoch // cfg.accum_steps
+        if steps_per_epoch == 0:
+            raise TrainError(f"{cfg.data}: {batches_per_epoch} batches per rank per epoch are fewer than one "
+                             f"step of field 'accum_steps' = {cfg.accum_steps} micro-batches")
+        total = cfg.epochs * steps_per_epoch
+        return cls(steps_per_epoch, total, min(total, cfg.max_steps or total), cfg.checkpoint_every or steps_per_epoch,
+                   cfg.batch_size * cfg.accum_steps * world)
+
+    def epoch(self, step: int) -> float:
+        """Epochs done after ``step`` optimizer steps (4 decimals)."""
+        return round(step / self.steps_per_epoch, 4)
+
+
+def open_run_dir(cfg: TrainConfig, d: Dist) -> dict:
+    """Check the run directory on every rank, then (rank 0) write its config; returns :func:`dataset_info`."""
+    info = dataset_info(open_manifest(cfg.data))
+    check_run_dir(cfg, info)
+    if d.world > 1:
+        dist.barrier()  # every rank checks the run directory before rank 0 writes into it
+    if d.main:
+        write_run_config(cfg, info, d.world)
+    return info
+
+
+def make_loader(cfg: TrainConfig, d: Dist, info: dict) -> TokenLoader:
+    """This rank's resumable loader of ``batch_size``-image micro-batches."""
+    dataset = TokenDataset(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_window=cfg.shuffle_window,
+                           rank=d.rank, world_size=d.world, expect_tokenizer_id=info["tokenizer_id"],
+                           augment=Augment(hflip=cfg.hflip), verify=cfg.verify)
+    return TokenLoader(dataset, num_workers=cfg.workers, pin_memory=d.device.type == "cuda")
+
+
+def resume_state(cfg: TrainConfig, d: Dist, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loader: TokenLoader) -> int:
+    """With ``--resume``, restore weights, optimizer, loader position and this rank's RNG states from the run's
+    latest checkpoint. Returns the optimizer step to start at (0 without a checkpoint)."""
+    run = Path(cfg.out)
+    ckpt = latest_checkpoint(run) if cfg.resume else None
+    if ckpt is None:
+        if cfg.resume:
+            log.info("--resume: %s has no checkpoint yet, starting at step 0", run)
+        return 0
+    state = load_state(ckpt)
+    load_weights(model, ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"][d.rank])
+    log.info("resumed %s at step %d (epoch %d)", run, ckpt.step, loader.epoch)
+    return ckpt.step
+
+
+def truncate_logs(run: Path, d: Dist, step: int, sample_log: Path | None) -> None:
+    """Drop the metrics rows (rank 0) and this rank's sample-log lines of steps after ``step``."""
+    if d.main:
+        truncate_jsonl(run / METRICS, step)
+    if sample_log:
+        truncate_jsonl(sample_log, step)
+
+
+def wrap_ddp(model: nn.Module, d: Dist) -> nn.Module:
+    """``model`` itself in one process, else its DDP wrapper (gradients all-reduced in ``backward``)."""
+    if d.world == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def forward_backward(ddp: nn.Module, batch: dict, cfg: TrainConfig, d: Dist, step: int, micro: int) -> dict:
+    """Outputs (``loss`` and metrics) of micro-batch ``micro`` of optimizer step ``step`` (0-based), whose
+    gradient, ``loss / accum_steps``, is added to the parameters'; DDP all-reduces on the last micro-batch only."""
+    images = batch["image"].to(d.device, non_blocking=True)
+    tokens = batch["tokens"].to(d.device, non_blocking=True)
+    last = micro == cfg.accum_steps - 1
+    with contextlib.nullcontext() if last or d.world == 1 else ddp.no_sync():
+        out = ddp(images, tokens, generator=masking_generator(cfg.seed, d.rank, step, micro))
+        (out["loss"] / cfg.accum_steps).backward()
+    return out
+
+
+def append_samples(path: Path, step: int, micro: int, batch: dict) -> None:
+    """Audit log: the sample indices of micro-batch ``micro`` of step ``step`` (1-based), one JSON line."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "micro": micro, "index": batch["index"].tolist()}) + "\n")
+
+
+def clip_gradients(model: nn.Module, grad_clip: float, step: int, loss: torch.Tensor) -> torch.Tensor:
+    """Clip the global gradient norm to ``grad_clip`` (0 = no clipping); returns the norm before clipping.
+    Raises :class:`TrainError` when it is not finite (``step`` 0-based, ``loss`` for the message)."""
+    # The norm is of the all-reduced gradients, so every rank reaches the same verdict.
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    if not math.isfinite(norm.item()):
+        raise TrainError(f"step {step + 1}: non-finite loss or gradients (loss {loss.item():.4g}, "
+                         f"grad norm {norm.item():.4g}); stopped without saving. Lower --lr or raise "
+                         "--warmup-steps, and resume from the last checkpoint")
+    return norm
+
+
+def save_state(run: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, loader: TokenLoader,
+               d: Dist, tokenizer_id: str | None) -> None:
+    """Checkpoint after ``step``: every rank's RNG states are gathered (a collective), rank 0 writes."""
+    rngs = gather_rng(d.world)
+    if d.main:
+        save_checkpoint(run, step, model, {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                                           "rng": rngs, "tokenizer_id": tokenizer_id})
+
+
+class Progress:
+    """Throughput, ETA and the metrics log of one invocation: rank 0 appends a ``metrics.jsonl`` row and logs a
+    line per :meth:`log`."""
+
+    def __init__(self, run: Path, d: Dist, sched: Schedule, step: int) -> None:
+        self.run, self.d, self.sched = run, d, sched
+        self.t_start = self.t_log = time.perf_counter()
+        self.start_step = self.step_log = step
+
+    def log(self, step: int, lr: float, means: dict[str, float | list[float]]) -> None:
+        """Log step ``step`` (done) with learning rate ``lr`` and the window's ``means``."""
+        now = time.perf_counter()
+        rate = (step - self.step_log) * self.sched.samples_per_step / (now - self.t_log)
+        self.t_log, self.step_log = now, step
+        if not self.d.main:
+            return
+        row = {"step": step, "epoch": self.sched.epoch(step), "lr": lr, "samples_per_s": round(rate, 2), **means}
+        with open(self.run / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        eta = (self.sched.stop - step) * (now - self.t_start) / (step - self.start_step)
+        acc = f" | acc {means['acc']:.4f}" if "acc" in means else ""
+        log.info("step %d/%d | epoch %.2f | loss %.4f%s | lr %.3g | %.1f samples/s | ETA %.0fs",
+                 step, self.sched.stop, row["epoch"], means["loss"], acc, lr, rate, eta)
+
+    def summary(self, step: int) -> dict:
+        """The run's summary after ``step``; rank 0 also plots ``curves.png`` from the metrics log."""
+        elapsed = time.perf_counter() - self.t_start
+        rate = (step - self.start_step) * self.sched.samples_per_step / elapsed if step > self.start_step else None
+        summary = {"run_dir": str(self.run), "step": step, "total_steps": self.sched.total_steps,
+                   "epoch": self.sched.epoch(step), "elapsed_s": round(elapsed, 2),
+                   "samples_per_s": None if rate is None else round(rate, 2)}
+        if self.d.main and (self.run / METRICS).exists():
+            plot_curves(self.run / METRICS, self.run / CURVES)
+            summary["curves"] = str(self.run / CURVES)
+        return summary
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns a summary on every rank. See the module docstring."""
     d = setup_distributed(cfg.device)
@@ -224,111 +380,44 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, d: Dist) -> dict:
     run = Path(cfg.out)
-    info = dataset_info(open_manifest(cfg.data))
-    check_run_dir(cfg, info)
-    if d.world > 1:
-        dist.barrier()  # every rank checks the run directory before rank 0 writes into it
-    if d.main:
-        write_run_config(cfg, info, d.world)
-
+    info = open_run_dir(cfg, d)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, info).to(d.device)
     optimizer = make_optimizer(model, cfg)
-    dataset = TokenDataset(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_window=cfg.shuffle_window,
-                           rank=d.rank, world_size=d.world, expect_tokenizer_id=info["tokenizer_id"],
-                           augment=Augment(hflip=cfg.hflip), verify=cfg.verify)
-    loader = TokenLoader(dataset, num_workers=cfg.workers, pin_memory=d.device.type == "cuda")
-    steps_per_epoch = dataset.batches_per_epoch // cfg.accum_steps
-    if steps_per_epoch == 0:
-        raise TrainError(f"{cfg.data}: {dataset.batches_per_epoch} batches per rank per epoch are fewer than one "
-                         f"step of field 'accum_steps' = {cfg.accum_steps} micro-batches")
-    total_steps = cfg.epochs * steps_per_epoch
-    stop = min(total_steps, cfg.max_steps or total_steps)
-    ckpt_every = cfg.checkpoint_every or steps_per_epoch
-    samples_per_step = cfg.batch_size * cfg.accum_steps * d.world
-
-    step = 0
-    ckpt = latest_checkpoint(run) if cfg.resume else None
-    if ckpt is not None:
-        state = load_state(ckpt)
-        load_weights(model, ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"][d.rank])
-        step = ckpt.step
-        log.info("resumed %s at step %d (epoch %d)", run, step, loader.epoch)
-    elif cfg.resume:
-        log.info("--resume: %s has no checkpoint yet, starting at step 0", run)
-    sample_log = run / f"samples.rank{d.rank}.jsonl"
-    if d.main:
-        truncate_jsonl(run / METRICS, step)
-    if cfg.sample_log:
-        truncate_jsonl(sample_log, step)
-    ddp = model
-    if d.world > 1:
-        ddp = DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    loader = make_loader(cfg, d, info)
+    sched = Schedule.of(cfg, d.world, loader.dataset.batches_per_epoch)
+    step = resume_state(cfg, d, model, optimizer, loader)
+    sample_log = run / f"samples.rank{d.rank}.jsonl" if cfg.sample_log else None
+    truncate_logs(run, d, step, sample_log)
+    ddp = wrap_ddp(model, d)
     model.train()
     log.info("training %s%s (%.1fM parameters) on %s x %d: %d steps of %d samples, %d steps per epoch",
              cfg.objective, " + MTO" if cfg.mto else "", sum(p.numel() for p in model.parameters()) / 1e6,
-             d.device, d.world, total_steps, samples_per_step, steps_per_epoch)
+             d.device, d.world, sched.total_steps, sched.samples_per_step, sched.steps_per_epoch)
 
-    batches = forever(loader)
-    window = MetricWindow()
-    t_start, t_log, step_log, start_step = time.perf_counter(), time.perf_counter(), step, step
-    while step < stop:
-        lr = lr_at(step, cfg, total_steps)
+    batches, window, progress = forever(loader), MetricWindow(), Progress(run, d, sched, step)
+    while step < sched.stop:
+        lr = lr_at(step, cfg, sched.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.accum_steps):
             batch = next(batches)
-            images = batch["image"].to(d.device, non_blocking=True)
-            tokens = batch["tokens"].to(d.device, non_blocking=True)
-            last = micro == cfg.accum_steps - 1
-            with contextlib.nullcontext() if last or d.world == 1 else ddp.no_sync():
-                out = ddp(images, tokens, generator=masking_generator(cfg.seed, d.rank, step, micro))
-                (out["loss"] / cfg.accum_steps).backward()
+            out = forward_backward(ddp, batch, cfg, d, step, micro)
             window.add(out)
-            if cfg.sample_log:
-                with open(sample_log, "a") as f:
-                    f.write(json.dumps({"step": step + 1, "micro": micro, "index": batch["index"].tolist()}) + "\n")
-        # The norm is of the all-reduced gradients, so every rank reaches the same verdict.
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        if not math.isfinite(norm.item()):
-            raise TrainError(f"step {step + 1}: non-finite loss or gradients (loss {out['loss'].item():.4g}, "
-                             f"grad norm {norm.item():.4g}); stopped without saving. Lower --lr or raise "
-                             "--warmup-steps, and resume from the last checkpoint")
+            if sample_log:
+                append_samples(sample_log, step + 1, micro, batch)
+        norm = clip_gradients(model, cfg.grad_clip, step, out["loss"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window.add({"grad_norm": norm})
         step += 1
 
-        if step % cfg.log_every == 0 or step == stop:
-            means = window.means(d.world)
-            now = time.perf_counter()
-            rate = (step - step_log) * samples_per_step / (now - t_log)
-            t_log, step_log = now, step
-            if d.main:
-                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
-                       "samples_per_s": round(rate, 2), **means}
-                with open(run / METRICS, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                eta = (stop - step) * (now - t_start) / (step - start_step)
-                acc = f" | acc {means['acc']:.4f}" if "acc" in means else ""
-                log.info("step %d/%d | epoch %.2f | loss %.4f%s | lr %.3g | %.1f samples/s | ETA %.0fs",
-                         step, stop, row["epoch"], means["loss"], acc, lr, rate, eta)
-        if step % ckpt_every == 0 or step == stop:
-            rngs = gather_rng(d.world)
-            if d.main:
-                save_checkpoint(run, step, model, {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                                                   "rng": rngs, "tokenizer_id": info["tokenizer_id"]})
+        if step % cfg.log_every == 0 or step == sched.stop:
+            progress.log(step, lr, window.means(d.world))
+        if step % sched.ckpt_every == 0 or step == sched.stop:
+            save_state(run, step, model, optimizer, loader, d, info["tokenizer_id"])
 
-    elapsed = time.perf_counter() - t_start
-    rate = (step - start_step) * samples_per_step / elapsed if step > start_step else None
-    summary = {"run_dir": str(run), "step": step, "total_steps": total_steps, "epoch": round(step / steps_per_epoch, 4),
-               "elapsed_s": round(elapsed, 2), "samples_per_s": None if rate is None else round(rate, 2)}
-    if d.main and (run / METRICS).exists():
-        plot_curves(run / METRICS, run / CURVES)
-        summary["curves"] = str(run / CURVES)
+    summary = progress.summary(step)
     if d.world > 1:
         dist.barrier()
     return summary

@@ -8,7 +8,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from kmim.trainer.checkpoint import atomic_write
+from kmim.files import atomic_write
 
 # (metric, panel title); a panel is drawn only when its metric was logged.
 _PANELS = (("loss", "loss"), ("acc", "masked-token accuracy"), ("mto_h", "MTO heterogeneity H(l)"), ("lr", "lr"))

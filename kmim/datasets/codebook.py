@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from kmim.datasets.shards import tmp_path
+from kmim.files import atomic_write_bytes
 
 _META_KEY = "kmim"
 
@@ -42,16 +42,26 @@ def tokenizer_id(centroids: torch.Tensor, metadata: dict) -> str:
     return h.hexdigest()[:24]
 
 
-def save_codebook(path: Path, book: Codebook) -> None:
+def save_codebook(path: str | os.PathLike, book: Codebook) -> None:
     """Write atomically (temp file + rename), with the same file mode as every other output (umask applies)."""
-    meta = {_META_KEY: json.dumps(book.metadata, sort_keys=True), "tokenizer_id": book.tokenizer_id}
+    meta = {"tokenizer_id": book.tokenizer_id, _META_KEY: json.dumps(book.metadata, sort_keys=True)}
     data = save({"centroids": book.centroids.float().contiguous()}, metadata=meta)
-    tmp = tmp_path(Path(path))
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, _metadata_in_order(data, list(meta)))
+
+
+def _metadata_in_order(data: bytes, keys: list[str]) -> bytes:
+    """Safetensors bytes ``data`` with the ``__metadata__`` entries of its header in the order ``keys``.
+
+    safetensors writes them from a Rust HashMap, in an order that differs from process to process, so the same
+    codebook would not always give the same bytes (``tests/test_golden.py`` pins tokenizer_id first). Only the
+    order changes, hence neither the header's length (an 8-byte little-endian count, then the compact JSON header
+    padded with spaces) nor the tensor offsets.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = {key: header["__metadata__"][key] for key in keys}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return data[:8] + text.ljust(n) + data[8 + n:]
 
 
 def load_codebook(path: str | Path, where: str | None = None) -> Codebook:
