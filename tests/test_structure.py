@@ -4,7 +4,8 @@
 - ``kmim.files`` (the ground floor) imports nothing of kmim;
 - ``kmim.datasets`` (the dataset contract) imports nothing from ``kmim.tokenizers``, ``kmim.pipeline``,
   ``kmim.trainer``;
-- ``kmim.pipeline`` and ``kmim.trainer`` never import each other.
+- ``kmim.pipeline`` and ``kmim.trainer`` never import each other;
+- no function in kmim is longer than a screen (60 lines).
 
 An edge ``a -> b`` is an ``import`` / ``from ... import`` statement in module ``a`` naming module ``b`` (or a name
 defined in ``b``); the parent packages Python imports on the way are not edges. ``importlib`` calls are not seen.
@@ -141,3 +142,17 @@ def test_datasets_do_not_import_the_upper_floors(graph: dict[str, set[str]]) -> 
 def test_pipeline_and_trainer_are_independent(graph: dict[str, set[str]]) -> None:
     edges = _edges(graph, "kmim.pipeline", ("kmim.trainer",)) + _edges(graph, "kmim.trainer", ("kmim.pipeline",))
     assert not edges, "kmim.pipeline and kmim.trainer must not import each other:\n  " + "\n  ".join(edges)
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_functions_fit_on_a_screen() -> None:
+    long = []
+    for name, path in sorted(_modules().items()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n  " + "\n  ".join(long)

@@ -151,6 +151,85 @@ def _codebook(url: str, storage_options: dict) -> Codebook:
     return _cached_codebook(fs, path, fs.checksum(path))
 
 
+class _Assigner:
+    """Token grids of a batch of views: extract, then the exact nearest-centroid search on the features' device
+    (a GPU actor's GPU), accumulating the seconds of each phase in ``timing``."""
+
+    def __init__(self, cfg, book: Codebook, codebook_path: str, timing: dict[str, float]) -> None:
+        self.extractor, self.book, self.method, self.timing = build_extractor(cfg), book, cfg.assign, timing
+        differs = sorted(k for k, v in self.extractor.metadata().items() if book.metadata.get(k) != v)
+        if differs:  # e.g. a weights file replaced between the fit and a resumed run
+            raise ValueError(f"{codebook_path}: the extractor differs from the one the codebook was fitted with "
+                             f"in {', '.join(differs)}; tokens would not match the codebook")
+        self.centroids = {book.centroids.device: book.centroids}  # copied once to each device used
+        self.dtype = token_dtype(book.k)
+
+    def _tokens(self, views: list[View]) -> torch.Tensor:
+        """int64 [B, h, w] on the CPU."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            feats = self.extractor(_batch_tensor(views))
+        if feats.is_cuda:
+            torch.cuda.synchronize(feats.device)  # so the phases' times are the GPU's
+        t1 = time.perf_counter()
+        b, h, w, d = feats.shape
+        if feats.device not in self.centroids:
+            self.centroids[feats.device] = self.book.centroids.to(feats.device)
+        tokens, _ = nearest(feats.reshape(-1, d), self.centroids[feats.device], metric=self.extractor.metric,
+                            method=self.method)
+        self.timing["extract"] += t1 - t0
+        self.timing["assign"] += time.perf_counter() - t1
+        return tokens.reshape(b, h, w).cpu()
+
+    def __call__(self, views: list[View]) -> np.ndarray:
+        """Token grids [B, h, w] in the dataset's token dtype; a batch out of device memory runs in halves."""
+        return on_halves(self._tokens, views).numpy().astype(self.dtype)
+
+
+class _ShardRecord:
+    """What a shard's index records: one row per input (``ok`` or the skip reason), skip counts, token counts."""
+
+    def __init__(self, k: int) -> None:
+        self.rows: list[dict] = []
+        self.skipped: dict[str, int] = {}
+        self.counts = TokenCounts(k)
+
+    def add_input(self, raw: RawSample, view: View | None, reason: str | None) -> None:
+        size = view.geometry["source_size"] if view is not None else [None, None]
+        self.rows.append({"key": sample_key(raw.source), "source": raw.source, "label": raw.label,
+                          "status": reason or "ok", "width": size[0], "height": size[1]})
+        if reason is not None:
+            self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def stats(self, samples: int, sha256: str, nbytes: int, tokenizer_id: str) -> dict:
+        return {"samples": samples, "inputs": len(self.rows), "bytes": nbytes, "sha256": sha256,
+                "skipped": self.skipped, "tokenizer_id": tokenizer_id, "token_counts": self.counts.columns()}
+
+
+def _write_samples(writer: ShardWriter, batch: list[tuple[RawSample, View]], grids: np.ndarray,
+                   counts: TokenCounts) -> None:
+    """Each sample as its stored image, ``.tokens.npy`` and ``.json`` (key, source, label, view geometry)."""
+    for (raw, view), grid in zip(batch, grids, strict=True):
+        key = sample_key(raw.source)
+        counts.add_grid(grid, raw.label)
+        meta = {"key": key, "source": raw.source, "label": raw.label, "view": view.geometry}
+        writer.write({"__key__": key, view.ext: view.data, "tokens.npy": encode_npy(grid),
+                      "json": json.dumps(meta, sort_keys=True).encode()})
+
+
+def upload_shard(out: Path, name: str, fs: AbstractFileSystem, root: str, sha256: str, nbytes: int) -> float:
+    """Upload a finished local shard and its index to ``root`` on ``fs``, the index first (a shard whose tar is
+    there always has its index), each checked; the local files are removed. Returns the seconds taken."""
+    t = time.perf_counter()
+    try:
+        put_verified(out / index_name(name), fs, join(root, index_name(name)))
+        put_verified(out / name, fs, join(root, name), sha256=sha256, size=nbytes)
+    finally:
+        (out / index_name(name)).unlink(missing_ok=True)
+        (out / name).unlink(missing_ok=True)
+    return time.perf_counter() - t
+
+
 def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> dict:
     """Tokenize one input shard into ``out_dir/shard-XXXXX.tar`` (+ its index), atomically.
 
@@ -159,64 +238,27 @@ def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> 
     Returns the shard stats (also stored in the index) plus ``timing`` seconds per phase.
     """
     book = _codebook(codebook_path, cfg.storage_options)
-    extractor = build_extractor(cfg)
-    differs = sorted(k for k, v in extractor.metadata().items() if book.metadata.get(k) != v)
-    if differs:  # e.g. a weights file replaced between the fit and a resumed run
-        raise ValueError(f"{codebook_path}: the extractor differs from the one the codebook was fitted with "
-                         f"in {', '.join(differs)}; tokens would not match the codebook")
-    centroids = {book.centroids.device: book.centroids}  # copied once to the features' device (GPU actors)
-    dtype = token_dtype(book.k)
+    timing = {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
+    assign = _Assigner(cfg, book, codebook_path, timing)
     fs, root = open_url(out_dir, cfg.storage_options)
     out = Path(root) if is_local(fs) else staging_dir(out_dir, cfg.staging)
     out.mkdir(parents=True, exist_ok=True)
     name = shard_name(shard.index)
-    writer = ShardWriter(out / name)
-    rows: list[dict] = []
-    skipped: dict[str, int] = {}
-    counts = TokenCounts(book.k)
-    timing = {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
-    pending: list[tuple[RawSample, View]] = []
-
-    def tokens_of(views: list[View]) -> torch.Tensor:
-        """Token grids int64 [B, h, w] on the CPU; the search runs where the features are."""
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            feats = extractor(_batch_tensor(views))
-        if feats.is_cuda:
-            torch.cuda.synchronize(feats.device)  # so the phases' times are the GPU's
-        t1 = time.perf_counter()
-        b, h, w, d = feats.shape
-        if feats.device not in centroids:
-            centroids[feats.device] = book.centroids.to(feats.device)
-        tokens, _ = nearest(feats.reshape(-1, d), centroids[feats.device], metric=extractor.metric,
-                            method=cfg.assign)
-        tokens = tokens.reshape(b, h, w).cpu()
-        timing["extract"] += t1 - t0
-        timing["assign"] += time.perf_counter() - t1
-        return tokens
+    record, pending = _ShardRecord(book.k), []
 
     def flush() -> None:
-        tokens = on_halves(tokens_of, [v for _, v in pending]).numpy().astype(dtype)
-        t2 = time.perf_counter()
-        for (raw, view), grid in zip(pending, tokens, strict=True):
-            key = sample_key(raw.source)
-            counts.add_grid(grid, raw.label)
-            meta = {"key": key, "source": raw.source, "label": raw.label, "view": view.geometry}
-            writer.write({"__key__": key, view.ext: view.data, "tokens.npy": encode_npy(grid),
-                          "json": json.dumps(meta, sort_keys=True).encode()})
-        timing["write"] += time.perf_counter() - t2
+        grids = assign([v for _, v in pending])
+        t = time.perf_counter()
+        _write_samples(writer, pending, grids, record.counts)
+        timing["write"] += time.perf_counter() - t
         pending.clear()
 
-    with writer:  # an exception discards the shard (its temporary file)
+    with ShardWriter(out / name) as writer:  # an exception discards the shard (its temporary file)
         t = time.perf_counter()
         for raw, view, reason in _decoded(shard, cfg):
             timing["decode"] += time.perf_counter() - t
-            size = view.geometry["source_size"] if view is not None else [None, None]
-            rows.append({"key": sample_key(raw.source), "source": raw.source, "label": raw.label,
-                         "status": reason or "ok", "width": size[0], "height": size[1]})
-            if reason is not None:
-                skipped[reason] = skipped.get(reason, 0) + 1
-            else:
+            record.add_input(raw, view, reason)
+            if reason is None:
                 pending.append((raw, view))
                 if len(pending) == cfg.batch_size:
                     flush()
@@ -225,18 +267,10 @@ def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> 
             flush()
         t = time.perf_counter()
         sha, nbytes = writer.finish()  # hashed while written
-        stats = {"samples": writer.samples, "inputs": len(rows), "bytes": nbytes, "sha256": sha,
-                 "skipped": skipped, "tokenizer_id": book.tokenizer_id, "token_counts": counts.columns()}
-        write_index(out / index_name(name), rows, stats)  # the index first: a finished shard has its index
+        stats = record.stats(writer.samples, sha, nbytes, book.tokenizer_id)
+        write_index(out / index_name(name), record.rows, stats)  # the index first: a finished shard has its index
         writer.commit()
         timing["write"] += time.perf_counter() - t
     if not is_local(fs):
-        t = time.perf_counter()
-        try:  # the index first: a shard whose tar is there always has its index
-            put_verified(out / index_name(name), fs, join(root, index_name(name)))
-            put_verified(out / name, fs, join(root, name), sha256=sha, size=nbytes)
-        finally:
-            (out / index_name(name)).unlink(missing_ok=True)
-            (out / name).unlink(missing_ok=True)
-        timing["upload"] = time.perf_counter() - t
+        timing["upload"] = upload_shard(out, name, fs, root, sha, nbytes)
     return {**stats, "shard": name, "timing": timing}

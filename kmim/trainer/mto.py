@@ -1,4 +1,4 @@
-"""Masked Token Optimization (MTO) losses, as in DESIGN.md "Method notes".
+"""Masked Token Optimization (MTO) losses ("Masked Token Optimization", added to the layers that see mask tokens).
 
 Inputs are the token representations of the layers that see mask tokens (the decoder for K-MIM/MAE, the
 encoder for BEiT), patch tokens only (no CLS), in row-major patch order:
@@ -13,7 +13,9 @@ With M the masked and V the visible patches of a sample:
 - L_spa = -sum_{i in V} sum_{j in all} p_ij log p_ij, p = row-softmax(X(0) X(0)^T) (j includes i itself),
   summed over V as printed and averaged over the batch, so it grows with |V|: w_spa defaults small;
 - L_e = 1 / (H(0) + eps): eps also bounds L_e and its gradient while H(0) is near 0;
-- L_r = sum_{l=1..n} softplus(H(l) - H(l-1)), which asks heterogeneity to fall with depth.
+- L_r = sum_{l=1..n} softplus(H(l) - H(l-1)), which asks heterogeneity to fall with depth. (The printed Eq. 5
+  has the difference the other way round; the paper's text, its Fig. 1 and its ablation, where L_r alone drives
+  H to zero, all call for heterogeneity falling with depth, which is what this form asks.)
 
 Dot products are raw, as in the formulas; ``scale=True`` divides them by sqrt(D). Everything is computed in
 float32 outside autocast: entropies of near one-hot bf16 softmaxes are too coarse.
