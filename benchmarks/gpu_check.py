@@ -42,10 +42,11 @@ from PIL import Image
 
 from kmim.config import load_config
 from kmim.datasets.preprocess import Preprocess, decode_view
-from kmim.tokenizers import dino, kmeans
+from kmim.tokenizers import dino, kmeanspp
 from kmim.tokenizers.assign import _faiss, nearest
 from kmim.tokenizers.extractors import PixelExtractor, build_extractor
-from kmim.tokenizers.kmeans import fit_kmeans, kmeans_plus_plus
+from kmim.tokenizers.kmeans import fit_kmeans
+from kmim.tokenizers.kmeanspp import kmeans_plus_plus
 from kmim.trainer.engine import make_optimizer, masking_generator, setup_distributed
 from kmim.trainer.objectives import build_objective
 from kmim.trainer.vit import ViTConfig
@@ -265,7 +266,7 @@ def bench_kmeans_plus_plus(x: torch.Tensor, k: int, device: torch.device) -> dic
             seconds[name] = round(time.perf_counter() - t, 2)
     finally:
         torch.set_num_threads(threads)
-    big = sample.numel() >= kmeans._KPP_SERIAL_ELEMS
+    big = sample.numel() >= kmeanspp.SERIAL_ELEMS
     return {"points": sample.shape[0], "dim": sample.shape[1], "k": k, "threads": threads,
             "loop": "float64, chunked over threads / on the GPU" if big else "float32, single-threaded CPU",
             "seconds": seconds, "threads_agree": bool(torch.equal(picks["cpu_all_threads"], picks["cpu_1_thread"])),

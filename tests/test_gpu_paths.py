@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kmim.tokenizers import assign, kmeans
+from kmim.tokenizers import assign, kmeanspp
 from kmim.tokenizers.assign import _precision_switches, nearest
-from kmim.tokenizers.kmeans import fit_kmeans, kmeans_plus_plus
+from kmim.tokenizers.kmeans import fit_kmeans
+from kmim.tokenizers.kmeanspp import kmeans_plus_plus
 
 ROOT = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -157,8 +158,8 @@ def blobs(n: int = 3000, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torc
 @pytest.fixture
 def parallel_kpp(monkeypatch: pytest.MonkeyPatch) -> None:
     """Send every sample to the float64 chunked k-means++ loop, in chunks of 128 points."""
-    monkeypatch.setattr(kmeans, "_KPP_SERIAL_ELEMS", 0)
-    monkeypatch.setattr(kmeans, "_KPP_CHUNK_ELEMS", 128 * 16)
+    monkeypatch.setattr(kmeanspp, "SERIAL_ELEMS", 0)
+    monkeypatch.setattr(kmeanspp, "CHUNK_ELEMS", 128 * 16)
 
 
 def test_kmeans_plus_plus_does_not_depend_on_thread_count(parallel_kpp) -> None:
@@ -180,7 +181,7 @@ def test_kmeans_plus_plus_chunks_agree_with_one_block(parallel_kpp, monkeypatch:
     """CUDA runs the float64 loop as one block; on the CPU that block gives the chunked loop's picks."""
     x, _ = blobs()
     chunked = kmeans_plus_plus(x, 40, torch.Generator().manual_seed(1))
-    monkeypatch.setattr(kmeans, "_KPP_CHUNK_ELEMS", x.numel())
+    monkeypatch.setattr(kmeanspp, "CHUNK_ELEMS", x.numel())
     assert torch.equal(kmeans_plus_plus(x, 40, torch.Generator().manual_seed(1)), chunked)
 
 
