@@ -40,6 +40,7 @@ from common import CIFAR, emit, machine
 
 from kmim.config import load_config
 from kmim.datasets.preprocess import Preprocess, decode_view
+from kmim.pipeline.job import extractor_spec
 from kmim.tokenizers.assign import nearest
 from kmim.tokenizers.extractors import build_extractor
 
@@ -135,7 +136,7 @@ def main() -> None:
                 weights_s = time.perf_counter() - t
                 over.update(model=model, weights=str(path), dtype=args.dtype, device=args.device)
             t = time.perf_counter()
-            ex = build_extractor(load_config(None, over))
+            ex = build_extractor(extractor_spec(load_config(None, over)))
             build_s = time.perf_counter() - t
             meta = ex.metadata()
             device = str(ex.device) if model is not None else "cpu"

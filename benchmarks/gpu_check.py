@@ -42,6 +42,7 @@ from PIL import Image
 
 from kmim.config import load_config
 from kmim.datasets.preprocess import Preprocess, decode_view
+from kmim.pipeline.job import extractor_spec
 from kmim.tokenizers import dino, kmeanspp
 from kmim.tokenizers.assign import _faiss, nearest
 from kmim.tokenizers.extractors import PixelExtractor, build_extractor
@@ -117,7 +118,7 @@ def dino_extractor(weights: Path, s: Settings, device: torch.device, dtype: str)
     cfg = load_config(None, {"out": "unused", "extractor": "dino", "model": "vit_small_patch16_224",
                              "model_kwargs": json.dumps(kwargs), "weights": str(weights), "device": str(device),
                              "dtype": dtype, "image_size": s.image_size, "patch_size": s.patch_size})
-    return build_extractor(cfg)
+    return build_extractor(extractor_spec(cfg))
 
 
 # ---- (a) token equality ---------------------------------------------------------------------------------

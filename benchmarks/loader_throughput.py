@@ -40,7 +40,7 @@ from kmim.config import load_config
 from kmim.datasets.codebook import load_codebook
 from kmim.datasets.loader import IMAGENET_MEAN, IMAGENET_STD, TokenDataset, TokenLoader
 from kmim.datasets.preprocess import IMAGE_EXTS, Preprocess, decode_view
-from kmim.pipeline.job import run_job
+from kmim.pipeline.job import extractor_spec, run_job
 from kmim.tokenizers.assign import nearest
 from kmim.tokenizers.extractors import Extractor, build_extractor
 
@@ -182,7 +182,8 @@ def bench_extractor(name: str, args: argparse.Namespace) -> None:
         root = args.cache / f"{folder.name}-dino-k{K}"
     build_dataset(root, extra, folder)
     book = load_codebook(root / "codebook.safetensors")
-    tokenizer = OnlineTokenizer(build_extractor(load_config(None, job_settings(root, extra, folder))), book.centroids)
+    cfg = load_config(None, job_settings(root, extra, folder))
+    tokenizer = OnlineTokenizer(build_extractor(extractor_spec(cfg)), book.centroids)
     # The kmim side is cheap, so it always gets --batches: a few batches would be mostly the prefetched ones.
     counts = {"kmim": args.batches, "online": args.batches if name == "pixel" else args.dino_batches}
     base = {"bench": "loader", "extractor": name, "batch_size": args.batch_size, "workers": args.workers,

@@ -225,7 +225,7 @@ def test_an_actor_with_a_cuda_error_is_replaced_and_its_item_retried(tmp_path: P
 
 @pytest.mark.parametrize(("extractor", "victim", "logged"), [
     # The worker process running a pixel shard task is SIGKILLed mid-job; the task runs again elsewhere.
-    ("pixel", "ray::tokenize_shard", ("WorkerCrashedError", "retrying (attempt 2 of 3)")),
+    ("pixel", "ray::TokenizeStage", ("WorkerCrashedError", "retrying (attempt 2 of 3)")),
     # A GPU actor is SIGKILLed while it tokenizes: a new one takes its items.
     ("dino", "ray::_StageActor.run", ("starting a replacement",)),
 ], ids=["task-worker", "gpu-actor"])

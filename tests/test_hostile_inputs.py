@@ -38,7 +38,7 @@ from kmim.datasets.preprocess import (
 )
 from kmim.datasets.shards import ShardError, ShardWriter, iter_tar
 from kmim.datasets.verify import verify_dataset
-from kmim.pipeline.job import run_job
+from kmim.pipeline.job import run_job, source_spec
 from kmim.pipeline.sources import InputError, plan_inputs, read_shard
 
 PRE = Preprocess(image_size=32, min_image_size=8, max_image_pixels=200_000)
@@ -54,9 +54,9 @@ def run(out: Path, **kw) -> dict:
 
 
 def raw_samples(inp: Path, **kw) -> list:
-    cfg = config(inp.parent / "unused", input=str(inp), **kw)
-    shards, _ = plan_inputs(cfg)
-    return [raw for shard in shards for raw in read_shard(shard, cfg)]
+    source = source_spec(config(inp.parent / "unused", input=str(inp), **kw))
+    shards, _ = plan_inputs(source)
+    return [raw for shard in shards for raw in read_shard(shard, source)]
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -313,7 +313,7 @@ def test_fifos_and_devices_in_a_folder_are_never_opened(tmp_path: Path) -> None:
     manifest = read_manifest(tmp_path / "out")
     assert manifest["inputs"] == manifest["samples"] == 19 and summary["skipped"] == {}
     with pytest.raises(InputError, match="not a regular file"):
-        _run_guarded(lambda: plan_inputs(config(tmp_path / "o2", input=str(folder / "shards.tar"))),
+        _run_guarded(lambda: plan_inputs(source_spec(config(tmp_path / "o2", input=str(folder / "shards.tar")))),
                      [folder / "shards.tar"])
 
 

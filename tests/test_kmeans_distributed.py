@@ -14,7 +14,7 @@ from kmim.config import load_config
 from kmim.datasets.codebook import Codebook
 from kmim.datasets.manifest import CODEBOOK
 from kmim.pipeline.fit import fit_kmeans_ray, subsample
-from kmim.pipeline.job import _fit_codebook
+from kmim.pipeline.job import _fit_codebook, source_spec
 from kmim.pipeline.sources import plan_inputs
 from kmim.tokenizers.kmeans import CHECKPOINT, fit_kmeans
 
@@ -138,7 +138,7 @@ def test_job_fit_on_ray_actors_gives_the_local_codebook(image_folder: Path, tmp_
         cfg = load_config(None, job_overrides(out=str(tmp_path / name), input=str(image_folder), fit_images=256,
                                               kmeans_batch_size=128, **kw))
         (tmp_path / name).mkdir()
-        book = _fit_codebook(cfg, plan_inputs(cfg)[0], tmp_path / name / CODEBOOK, gpus=0)
+        book = _fit_codebook(cfg, plan_inputs(source_spec(cfg))[0], tmp_path / name / CODEBOOK, gpus=0)
         assert not (tmp_path / name / "kmeans-checkpoint").exists()
         return book
 

@@ -20,6 +20,7 @@ from kmim.cli import app
 from kmim.config import ConfigError, load_config
 from kmim.datasets.codebook import load_codebook
 from kmim.pipeline.checks import check_extractor
+from kmim.pipeline.job import extractor_spec
 from kmim.tokenizers import clip, dino, weights
 from kmim.tokenizers.extractors import build_extractor
 from kmim.tokenizers.weights import file_sha256
@@ -51,6 +52,11 @@ def config(spec: tuple, weights_arg: Path | str | None, **kw):
                               "model_kwargs": json.dumps(kwargs), "weights": weights_arg and str(weights_arg), **kw})
 
 
+def extractor_of(spec: tuple, weights_arg: Path | str | None, **kw):
+    """The extractor the job settings of :func:`config` ask for."""
+    return build_extractor(extractor_spec(config(spec, weights_arg, **kw)))
+
+
 def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
@@ -66,8 +72,7 @@ def test_dino_tokens_match_timm_forward_features(tmp_path: Path, model: str, siz
     ckpt = {"teacher": {**{f"module.backbone.{k}": v for k, v in ref.state_dict().items()},
                         "module.head.last_layer.weight": torch.zeros(8, 64)}}
     torch.save(ckpt, tmp_path / "checkpoint.pth")
-    ex = build_extractor(config(("dino", model, kwargs), tmp_path / "checkpoint.pth", image_size=size,
-                                patch_size=patch))
+    ex = extractor_of(("dino", model, kwargs), tmp_path / "checkpoint.pth", image_size=size, patch_size=patch)
     x = images(2, size)
     with torch.inference_mode():
         feats = ex(x)
@@ -88,7 +93,7 @@ def test_dino_tokens_match_timm_forward_features(tmp_path: Path, model: str, siz
 def test_token_grid_follows_image_regions(tmp_path: Path, spec: tuple) -> None:
     """Changing the pixels of trainer patch (i, j) changes token (i, j) most, for every (i, j) tried."""
     path = save_tiny(tmp_path / "w.safetensors", spec)
-    ex = build_extractor(config(spec, path, image_size=64, patch_size=16))
+    ex = extractor_of(spec, path, image_size=64, patch_size=16)
     assert ex.metadata()["model_grid"] == [4, 4] and ex.metadata()["feature_resample"] == "none"
     base = images(1, 64)
     with torch.inference_mode():
@@ -104,10 +109,10 @@ def test_feature_map_resampling_to_the_patch_grid(tmp_path: Path) -> None:
     """bilinear / area run the model at its own size and resample its feature map to the trainer's grid."""
     path = save_tiny(tmp_path / "w.pth", CLIP_VIT)
     x = images(2, 64)
-    native = build_extractor(config(CLIP_VIT, path, image_size=64, patch_size=16))  # model grid 4 = trainer grid
-    up = build_extractor(config(CLIP_VIT, path, image_size=64, patch_size=8, resample="bilinear"))
-    down = build_extractor(config(CLIP_VIT, path, image_size=64, patch_size=32, resample="area"))
-    refit = build_extractor(config(CLIP_VIT, path, image_size=64, patch_size=8))  # input resized to 128 px
+    native = extractor_of(CLIP_VIT, path, image_size=64, patch_size=16)  # model grid 4 = trainer grid
+    up = extractor_of(CLIP_VIT, path, image_size=64, patch_size=8, resample="bilinear")
+    down = extractor_of(CLIP_VIT, path, image_size=64, patch_size=32, resample="area")
+    refit = extractor_of(CLIP_VIT, path, image_size=64, patch_size=8)  # input resized to 128 px
     with torch.inference_mode():
         f4 = native(x).permute(0, 3, 1, 2)
         torch.testing.assert_close(up(x), F.interpolate(f4, size=(8, 8), mode="bilinear").permute(0, 2, 3, 1))
@@ -121,7 +126,7 @@ def test_feature_map_resampling_to_the_patch_grid(tmp_path: Path) -> None:
 
 def test_l2_features_are_unit_and_use_inner_product(tmp_path: Path) -> None:
     path = save_tiny(tmp_path / "w.safetensors", CLIP_RN)
-    ex = build_extractor(config(CLIP_RN, path, image_size=64, patch_size=16, normalize="l2", layer=3))
+    ex = extractor_of(CLIP_RN, path, image_size=64, patch_size=16, normalize="l2", layer=3)
     with torch.inference_mode():
         feats = ex(images(2, 64))
     torch.testing.assert_close(feats.norm(dim=-1), torch.ones(2, 4, 4))
@@ -135,8 +140,8 @@ def test_l2_features_are_unit_and_use_inner_product(tmp_path: Path) -> None:
 
 def test_bf16_autocast_path_runs_on_cpu(tmp_path: Path) -> None:
     path = save_tiny(tmp_path / "w.safetensors", VIT16)
-    fp32 = build_extractor(config(VIT16, path, image_size=32, patch_size=8))
-    bf16 = build_extractor(config(VIT16, path, image_size=32, patch_size=8, dtype="bf16"))
+    fp32 = extractor_of(VIT16, path, image_size=32, patch_size=8)
+    bf16 = extractor_of(VIT16, path, image_size=32, patch_size=8, dtype="bf16")
     assert fp32.metadata()["dtype"] == "fp32" and bf16.metadata()["dtype"] == "bf16"
     with torch.inference_mode():
         a, b = fp32(images(2, 32)), bf16(images(2, 32))
@@ -145,9 +150,9 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path: Path) -> None:
 
 def test_extractor_is_built_once_per_process(tmp_path: Path) -> None:
     path = save_tiny(tmp_path / "w.safetensors", VIT16)
-    a = build_extractor(config(VIT16, path, image_size=32, patch_size=8))
-    assert build_extractor(config(VIT16, path, image_size=32, patch_size=8)) is a
-    assert build_extractor(config(VIT16, path, image_size=32, patch_size=8, layer=0)) is not a
+    a = extractor_of(VIT16, path, image_size=32, patch_size=8)
+    assert extractor_of(VIT16, path, image_size=32, patch_size=8) is a
+    assert extractor_of(VIT16, path, image_size=32, patch_size=8, layer=0) is not a
 
 
 def test_bad_settings_name_the_field(tmp_path: Path) -> None:
@@ -199,14 +204,14 @@ def test_weights_found_in_local_caches(tmp_path: Path, monkeypatch: pytest.Monke
     hub = tmp_path / "hub"
     timm_file = save_tiny(_hf_cache_file(hub, "timm/vit_small_patch16_224.dino", "model.safetensors"), VIT16)
     spec = ("dino", "vit_small_patch16_224.dino", VIT16[2])
-    meta = build_extractor(config(spec, hub, image_size=32, patch_size=8)).metadata()
+    meta = extractor_of(spec, hub, image_size=32, patch_size=8).metadata()
     assert meta["weights_digest"] == file_sha256(timm_file)
     assert meta["input_norm"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # the dino tag's, not augreg's
     clip_file = _hf_cache_file(hub, "timm/resnet50_clip.openai", "open_clip_model.safetensors")
     save_tiny(clip_file, CLIP_RN, wrap=lambda sd: {f"visual.{k}": v for k, v in sd.items()})
     monkeypatch.setattr(weights, "default_cache_roots", lambda: [hub])
     cfg = config(CLIP_RN, "openai", image_size=64, patch_size=32)
-    meta = build_extractor(cfg).metadata()
+    meta = build_extractor(extractor_spec(cfg)).metadata()
     assert meta["pretrained_tag"] == "openai" and meta["arch"]["quick_gelu"] is True
     assert meta["weights_digest"] == file_sha256(clip_file)
     assert config(CLIP_RN, None, image_size=64, patch_size=32).weights is None  # the one cached tag is found

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from kmim.files import AtomicFile
 from kmim.pipeline.runners import cpus_per_gpu, ensure_ray, map_shards
 from kmim.pipeline.sources import InputShard
-from kmim.pipeline.stages import json_digest, preprocess_of, sample_fit_features
+from kmim.pipeline.stages import FitSampleStage, json_digest
 from kmim.tokenizers.extractors import build_extractor
 from kmim.tokenizers.kmeans import (
     KMeansResult,
@@ -44,34 +44,55 @@ class FitError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class FitSpec:
+    """The k-means fit: ``k`` centroids, ``epochs`` passes over the fit sample in mini-batches of ``batch_size``
+    points, seeded by ``seed``, nearest-centroid search ``assign``; run by ``runner``: ``local`` on ``device``
+    (resolved; None: CUDA when available), or ``ray`` with ``workers`` actors (None: one per GPU, else one per
+    CPU up to 16) on the cluster at ``ray_address`` (None: RAY_ADDRESS, else an embedded one)."""
+
+    k: int
+    epochs: int
+    batch_size: int
+    seed: int
+    assign: str
+    runner: str
+    device: str | None
+    workers: int | None
+    ray_address: str | None
+
+
+@dataclass(frozen=True)
 class FitSample:
-    """Which features make up the fit sample: ``images`` per shard, ``patches`` per image, at most ``limit``."""
+    """Which features make up the fit sample: those ``sampler`` draws from each of ``shards``, at most ``limit``
+    points in all (drawn by ``seed`` when there are more)."""
 
     shards: tuple[InputShard, ...]
-    images: int
-    patches: int
+    sampler: FitSampleStage
     limit: int
+    seed: int
     cache: str | None  # absolute directory of the fp16 feature cache, if any
 
 
 # ---- sampling -------------------------------------------------------------------------------------------
 
 
-def _cache_file(shard: InputShard, cfg, sample: FitSample) -> Path:
-    key = [build_extractor(cfg).metadata(), preprocess_of(cfg).describe(), cfg.seed, sample.images, sample.patches,
+def _cache_file(shard: InputShard, sample: FitSample) -> Path:
+    """The cache file of the shard's fit features: named by a digest of everything that determines them."""
+    s = sample.sampler
+    key = [build_extractor(s.extractor).metadata(), s.decode.preprocess.describe(), s.seed, s.images, s.patches,
            repr(shard)]
     return Path(sample.cache) / f"features-{json_digest(key)}.npy"
 
 
-def shard_features(shard: InputShard, cfg, sample: FitSample) -> np.ndarray:
+def shard_features(shard: InputShard, sample: FitSample) -> np.ndarray:
     """float32 [n, D]: the shard's fit features, through the fp16 cache when there is one (then fresh
     features take the same fp16 rounding as cached ones)."""
     if sample.cache is None:
-        return sample_fit_features(shard, cfg, sample.images, sample.patches)
-    path = _cache_file(shard, cfg, sample)
+        return sample.sampler(shard)
+    path = _cache_file(shard, sample)
     if path.exists():
         return np.load(path, allow_pickle=False).astype(np.float32)
-    feats = sample_fit_features(shard, cfg, sample.images, sample.patches).astype(np.float16)
+    feats = sample.sampler(shard).astype(np.float16)
     path.parent.mkdir(parents=True, exist_ok=True)
     with AtomicFile(path) as f:
         np.save(f, feats, allow_pickle=False)
@@ -115,9 +136,9 @@ class PartitionWorker:
         self.parts.append(chunk)
         return chunk.shape[0]
 
-    def add_shard(self, shard: InputShard, cfg, sample: FitSample) -> int:
+    def add_shard(self, shard: InputShard, sample: FitSample) -> int:
         """Append the shard's fit features (sampled here, on this actor's GPU if any); returns their count."""
-        return self.add_chunk(shard_features(shard, cfg, sample))
+        return self.add_chunk(shard_features(shard, sample))
 
     def build(self, keep: list[np.ndarray | None], offset: int) -> tuple[list[str], int]:
         """Keep the given rows of each part (None = all); they are global points offset, offset + 1, ...
@@ -145,14 +166,14 @@ class PartitionWorker:
 class RayData:
     """:class:`kmim.tokenizers.kmeans.FitData` over Ray actors, each holding a contiguous range of points.
 
-    ``items`` in global order are object refs of float32 [n_i, D] arrays, or (with ``cfg`` and ``sample``)
-    input shards whose fit features each actor samples itself; then at most ``sample.limit`` points are
-    kept, drawn by ``cfg.seed``. Each of the ``workers`` actors gets a contiguous run of items. Ray must be
+    ``items`` in global order are object refs of float32 [n_i, D] arrays, or (with ``sample``) input shards
+    whose fit features each actor samples itself; then at most ``sample.limit`` points are kept, drawn by
+    ``sample.seed``. Each of the ``workers`` actors gets a contiguous run of items. Ray must be
     initialized. Use as a context manager (kills the actors).
     """
 
     def __init__(self, items: Sequence[Any], *, workers: int, metric: str = "l2", method: str = "auto",
-                 cfg=None, sample: FitSample | None = None, gpu: bool = False) -> None:
+                 sample: FitSample | None = None, gpu: bool = False) -> None:
         import ray
 
         runs = [r for r in np.array_split(np.arange(len(items)), min(workers, len(items))) if r.size]
@@ -164,8 +185,8 @@ class RayData:
             actor = ray.remote(PartitionWorker).options(num_cpus=min(cpus, 1.0), num_gpus=0,
                                                         scheduling_strategy="SPREAD", max_restarts=0)
         self.actors = [actor.remote(metric, method, max(1, int(cpus)), "cuda" if gpu else "cpu") for _ in runs]
-        rows = self._fill(items, runs, cfg, sample)
-        keep = subsample(rows, sample.limit, cfg.seed) if sample is not None else [None] * len(rows)
+        rows = self._fill(items, runs, sample)
+        keep = subsample(rows, sample.limit, sample.seed) if sample is not None else [None] * len(rows)
         kept = [n if k is None else k.size for n, k in zip(rows, keep, strict=True)]
         offsets = np.cumsum([0] + [sum(kept[r[0]:r[-1] + 1]) for r in runs])
         built = ray.get([a.build.remote(keep[r[0]:r[-1] + 1], int(o))
@@ -174,16 +195,16 @@ class RayData:
         self.digest = points_digest([d for digests, _ in built for d in digests])
         self.n, self.dim = int(offsets[-1]), built[0][1]
 
-    def _fill(self, items: Sequence[Any], runs: list[np.ndarray], cfg, sample: FitSample | None) -> list[int]:
+    def _fill(self, items: Sequence[Any], runs: list[np.ndarray], sample: FitSample | None) -> list[int]:
         """Hand each actor its items; returns the rows of each item, in order."""
         import ray
 
         if sample is not None:
-            cfg_ref, sample_ref = ray.put(cfg), ray.put(sample)
+            sample_ref = ray.put(sample)
         refs = {}
         for a, run in zip(self.actors, runs, strict=True):
             for i in run:
-                refs[a.add_shard.remote(items[i], cfg_ref, sample_ref) if sample is not None
+                refs[a.add_shard.remote(items[i], sample_ref) if sample is not None
                      else a.add_chunk.remote(items[i])] = int(i)
         rows = [0] * len(items)
         with tqdm(total=len(refs), desc="sample features" if sample else "load points", unit="part",
@@ -266,48 +287,49 @@ def _too_few(points: int, k: int) -> None:
         raise FitError(f"only {points} patch features for k={k} (field 'k'): too few decodable images")
 
 
-def _fit_local(cfg, sample: FitSample, metric: str, checkpoint: Path, log: Callable[[dict], None]) -> FitOutcome:
+def _fit_local(fit: FitSpec, sample: FitSample, metric: str, checkpoint: Path,
+               log: Callable[[dict], None]) -> FitOutcome:
     """In this process; the k-means runs on the extractor's device (pixel: CUDA when available)."""
     parts = []
-    for shard, feats, error in map_shards(shard_features, list(sample.shards), cfg, sample, runner="local",
+    for shard, feats, error in map_shards(shard_features, list(sample.shards), sample, runner="local",
                                           desc="sample features"):
         if error is not None:
             raise FitError(f"sampling fit features from {shard.describe()} failed: {error}") from error
         parts.append(feats)
-    keep = subsample([p.shape[0] for p in parts], sample.limit, cfg.seed)
+    keep = subsample([p.shape[0] for p in parts], sample.limit, sample.seed)
     parts = [_kept(p, k) for p, k in zip(parts, keep, strict=True)]
     x = torch.from_numpy(np.concatenate(parts))
-    _too_few(x.shape[0], cfg.k)
+    _too_few(x.shape[0], fit.k)
     digest = points_digest([part_digest(p) for p in parts])
-    result = fit_kmeans(x, cfg.k, epochs=cfg.kmeans_epochs, batch_size=cfg.kmeans_batch_size, seed=cfg.seed,
-                        metric=metric, method=cfg.assign, checkpoint=checkpoint, data_digest=digest, log=log,
-                        device=torch_device(cfg.device) if cfg.device else None)
+    result = fit_kmeans(x, fit.k, epochs=fit.epochs, batch_size=fit.batch_size, seed=fit.seed,
+                        metric=metric, method=fit.assign, checkpoint=checkpoint, data_digest=digest, log=log,
+                        device=torch_device(fit.device) if fit.device else None)
     return FitOutcome(result, x.shape[0], x.shape[1], digest)
 
 
-def _fit_ray(cfg, sample: FitSample, metric: str, checkpoint: Path, log: Callable[[dict], None],
+def _fit_ray(fit: FitSpec, sample: FitSample, metric: str, checkpoint: Path, log: Callable[[dict], None],
              gpus: int) -> FitOutcome:
+    """On Ray actors, each sampling and holding a contiguous run of the fit sample's shards."""
     import ray
 
-    ensure_ray(cfg.ray_address)
+    ensure_ray(fit.ray_address)
     # With GPUs, one actor per GPU; without, one single-threaded actor per CPU samples the fit features in
     # parallel (sampling is decode-bound); past ~16 actors the per-step gather costs more than it saves.
-    workers = cfg.kmeans_workers or gpus or max(1, min(16, int(ray.cluster_resources().get("CPU", 1))))
-    with RayData(sample.shards, workers=workers, metric=metric, method=cfg.assign, cfg=cfg, sample=sample,
+    workers = fit.workers or gpus or max(1, min(16, int(ray.cluster_resources().get("CPU", 1))))
+    with RayData(sample.shards, workers=workers, metric=metric, method=fit.assign, sample=sample,
                  gpu=gpus > 0) as data:
-        _too_few(data.n, cfg.k)
-        result = run_minibatch(data, cfg.k, epochs=cfg.kmeans_epochs, batch_size=cfg.kmeans_batch_size,
-                               seed=cfg.seed, metric=metric, checkpoint=checkpoint, data_digest=data.digest,
-                               log_epoch=log)
+        _too_few(data.n, fit.k)
+        result = run_minibatch(data, fit.k, epochs=fit.epochs, batch_size=fit.batch_size, seed=fit.seed,
+                               metric=metric, checkpoint=checkpoint, data_digest=data.digest, log_epoch=log)
         return FitOutcome(result, data.n, data.dim, data.digest)
 
 
-def fit_sample_kmeans(cfg, sample: FitSample, *, metric: str, checkpoint: Path, log: Callable[[dict], None],
-                      gpus: int = 0) -> FitOutcome:
-    """Sample the fit features and fit ``cfg.k`` centroids with ``cfg.runner``: in this process (local) or with
-    ``cfg.kmeans_workers`` Ray actors (ray; one whole GPU each when ``gpus``, the job's GPU actors, is not 0).
+def fit_sample_kmeans(fit: FitSpec, sample: FitSample, *, metric: str, checkpoint: Path,
+                      log: Callable[[dict], None], gpus: int = 0) -> FitOutcome:
+    """Sample the fit features and fit ``fit.k`` centroids with ``fit.runner``: in this process (local) or with
+    ``fit.workers`` Ray actors (ray; one whole GPU each when ``gpus``, the job's GPU actors, is not 0).
     Both run the same algorithm on the same points, checkpointing every epoch into ``checkpoint`` and resuming
-    from it. ``cfg`` holds resolved settings (:func:`kmim.pipeline.compute.resolve_compute`)."""
-    if cfg.runner == "local":
-        return _fit_local(cfg, sample, metric, checkpoint, log)
-    return _fit_ray(cfg, sample, metric, checkpoint, log, gpus)
+    from it. ``fit`` and ``sample`` hold resolved settings (:func:`kmim.pipeline.compute.resolve_compute`)."""
+    if fit.runner == "local":
+        return _fit_local(fit, sample, metric, checkpoint, log)
+    return _fit_ray(fit, sample, metric, checkpoint, log, gpus)

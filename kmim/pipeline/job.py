@@ -41,14 +41,15 @@ from kmim.datasets.manifest import (
     shard_name,
     write_manifest,
 )
+from kmim.datasets.preprocess import Preprocess
 from kmim.files import TMP_GLOB
 from kmim.pipeline.checks import check_extractor
 from kmim.pipeline.compute import Compute, resolve_compute
-from kmim.pipeline.fit import FitError, FitSample, fit_sample_kmeans
+from kmim.pipeline.fit import FitError, FitSample, FitSpec, fit_sample_kmeans
 from kmim.pipeline.lock import hold_output
 from kmim.pipeline.runners import map_shards
-from kmim.pipeline.sources import InputShard, plan_inputs
-from kmim.pipeline.stages import json_digest, preprocess_of, token_dtype, tokenize_shard
+from kmim.pipeline.sources import InputShard, SourceSpec, plan_inputs
+from kmim.pipeline.stages import DecodeSpec, FitSampleStage, OutputSpec, TokenizeStage, json_digest, token_dtype
 from kmim.storage import (
     get_file,
     is_local,
@@ -62,7 +63,8 @@ from kmim.storage import (
     staging_dir,
     url_of,
 )
-from kmim.tokenizers.extractors import build_extractor
+from kmim.tokenizers.extractors import ExtractorSpec, PixelSpec, build_extractor
+from kmim.tokenizers.learned import LearnedSpec
 from kmim.tokenizers.metrics import dataset_report
 
 log = logging.getLogger("kmim")
@@ -70,6 +72,56 @@ log = logging.getLogger("kmim")
 
 class JobError(RuntimeError):
     """The job ran but did not commit a dataset (some shards failed)."""
+
+
+# ---- the settings each stage takes, from the job's: no stage sees the job's settings ---------------------
+
+
+def source_spec(cfg: JobConfig) -> SourceSpec:
+    """How the job's input is planned into shards and read."""
+    return SourceSpec(cfg.input, cfg.shard_size, cfg.image_column, cfg.label_column, cfg.max_image_bytes)
+
+
+def extractor_spec(cfg: JobConfig) -> ExtractorSpec:
+    """The extractor the job's settings ask for; a learned one's device and dtype as ``cfg`` says (concrete once
+    :func:`kmim.pipeline.compute.resolve_compute` resolved them, ``auto`` before)."""
+    if cfg.extractor == "pixel":
+        return PixelSpec(cfg.patch_size, cfg.normalize, cfg.norm_pix)
+    return LearnedSpec(cfg.extractor, cfg.model, json.dumps(cfg.model_kwargs or {}, sort_keys=True), cfg.weights,
+                       cfg.layer, cfg.normalize, cfg.resample or "input", cfg.dtype or "auto", cfg.device or "auto",
+                       cfg.image_size, cfg.patch_size)
+
+
+def _decode_spec(cfg: JobConfig) -> DecodeSpec:
+    """How both stages read an input shard and decode its images to views."""
+    preprocess = Preprocess(cfg.image_size, cfg.min_image_size, cfg.max_image_pixels)
+    return DecodeSpec(source_spec(cfg), preprocess, cfg.decode_threads)
+
+
+def _fit_spec(cfg: JobConfig) -> FitSpec:
+    """The k-means fit of the job's resolved settings ``cfg``."""
+    return FitSpec(cfg.k, cfg.kmeans_epochs, cfg.kmeans_batch_size, cfg.seed, cfg.assign, cfg.runner, cfg.device,
+                   cfg.kmeans_workers, cfg.ray_address)
+
+
+def _fit_sample(cfg: JobConfig, shards: list[InputShard]) -> FitSample:
+    """The fit sample of the job's resolved settings ``cfg``: ``fit_images`` images' features from shards spread
+    evenly over the input (at least 64 images from each shard sampled), at most ``fit_patches`` points."""
+    per_shard = max(64, math.ceil(cfg.fit_images / len(shards)))
+    n_fit = min(len(shards), math.ceil(cfg.fit_images / per_shard))
+    chosen = sorted({int(round(i)) for i in np.linspace(0, len(shards) - 1, n_fit)})
+    patches_per_image = max(1, min(cfg.grid**2, math.ceil(cfg.fit_patches / cfg.fit_images)))
+    sampler = FitSampleStage(_decode_spec(cfg), extractor_spec(cfg), cfg.batch_size, cfg.seed, per_shard,
+                             patches_per_image)
+    cache = str(Path(cfg.feature_cache).resolve()) if cfg.feature_cache else None
+    return FitSample(tuple(shards[i] for i in chosen), sampler, cfg.fit_patches, cfg.seed, cache)
+
+
+def tokenize_stage(cfg: JobConfig, codebook: str, out: str) -> TokenizeStage:
+    """The tokenize stage of the job's resolved settings ``cfg``, reading the codebook at ``codebook`` and
+    writing shards to ``out`` (paths or URLs on the output's filesystem)."""
+    return TokenizeStage(_decode_spec(cfg), extractor_spec(cfg), cfg.batch_size, cfg.assign, codebook,
+                         OutputSpec(out, cfg.storage_options, cfg.staging))
 
 
 def _check_job_file(fs: AbstractFileSystem, root: str, cfg: JobConfig, shards: list[InputShard]) -> None:
@@ -155,19 +207,16 @@ def _codebook(cfg: JobConfig, shards: list[InputShard], fs: AbstractFileSystem, 
 
 
 def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: int) -> Codebook:
+    """Fit the codebook of the job's resolved settings ``cfg`` on ``shards`` and save it at ``path``."""
     # Metadata and metric only; on a Ray driver (often without a GPU) the model is built on the CPU, with the
     # resolved dtype, so the codebook records what the workers' features really are.
-    extractor = build_extractor(cfg if cfg.runner == "local" else cfg.model_copy(update={"device": "cpu"}))
-    per_shard = max(64, math.ceil(cfg.fit_images / len(shards)))
-    n_fit = min(len(shards), math.ceil(cfg.fit_images / per_shard))
-    chosen = sorted({int(round(i)) for i in np.linspace(0, len(shards) - 1, n_fit)})
-    patches_per_image = max(1, min(cfg.grid**2, math.ceil(cfg.fit_patches / cfg.fit_images)))
-    cache = str(Path(cfg.feature_cache).resolve()) if cfg.feature_cache else None
-    sample = FitSample(tuple(shards[i] for i in chosen), per_shard, patches_per_image, cfg.fit_patches, cache)
+    extractor = build_extractor(extractor_spec(cfg if cfg.runner == "local"
+                                               else cfg.model_copy(update={"device": "cpu"})))
+    sample = _fit_sample(cfg, shards)
     checkpoint = path.parent / "kmeans-checkpoint"  # epochs done survive a crash; removed with the codebook
     t0 = time.perf_counter()
     try:
-        fit = fit_sample_kmeans(cfg, sample, metric=extractor.metric, checkpoint=checkpoint, gpus=gpus,
+        fit = fit_sample_kmeans(_fit_spec(cfg), sample, metric=extractor.metric, checkpoint=checkpoint, gpus=gpus,
                                 log=lambda s: log.info("k-means epoch %(epoch)d: inertia/point %(inertia).4f, "
                                                        "utilization %(utilization).3f", s))
     except FitError as e:
@@ -180,7 +229,7 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: in
             "kmeans": {"algorithm": "minibatch", "init": "k-means++", "epochs": cfg.kmeans_epochs,
                        "batch_size": cfg.kmeans_batch_size, "seed": cfg.seed, "fit_points": fit.points},
             "fit_sample_digest": fit.digest,
-            "fit_feature_dtype": "float16" if cache is not None else "float32",
+            "fit_feature_dtype": "float16" if sample.cache is not None else "float32",
             "inertia": inertia, "inertia_per_point": float(f"{inertia / fit.points:.10g}"),
             "utilization": result.utilization}
     # Wall time stays out of the metadata: it would change the tokenizer_id from run to run.
@@ -205,7 +254,7 @@ def run_job(cfg: JobConfig) -> dict:
     when another run holds the output."""
     t_start = time.perf_counter()
     check_extractor(cfg)
-    shards, labels = plan_inputs(cfg)
+    shards, labels = plan_inputs(source_spec(cfg))
     compute = resolve_compute(cfg)
     fs, root = open_url(cfg.out, cfg.storage_options)
     work = Path(root) if is_local(fs) else staging_dir(cfg.out, cfg.staging)
@@ -225,9 +274,9 @@ def _run(compute: Compute, shards: list[InputShard], labels: list[str] | None, f
     finished = [shard_name(s.index) for s in shards if shard_name(s.index) in present]
     foreign = _foreign(fs, root, finished, book.tokenizer_id)
     todo = [s for s in shards if shard_name(s.index) not in present or shard_name(s.index) in foreign]
+    stage = tokenize_stage(cfg, book_ref, out_ref)
     failures, timing = [], {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
-    for shard, stats, error in map_shards(tokenize_shard, todo, cfg, book_ref, out_ref, runner=cfg.runner,
-                                          desc="tokenize", address=cfg.ray_address,
+    for shard, stats, error in map_shards(stage, todo, runner=cfg.runner, desc="tokenize", address=cfg.ray_address,
                                           max_in_flight=cfg.max_in_flight, gpus=compute.gpus,
                                           retries=cfg.task_retries):
         if error is not None:
@@ -242,7 +291,7 @@ def _run(compute: Compute, shards: list[InputShard], labels: list[str] | None, f
                                                                 "metadata": book.metadata},
                "token_grid": {"shape": [cfg.grid, cfg.grid], "dtype": token_dtype(book.k).name,
                               "patch_size": cfg.patch_size},
-               "preprocess": preprocess_of(cfg).describe(), "labels": labels}
+               "preprocess": stage.decode.preprocess.describe(), "labels": labels}
     manifest = build_manifest(root, [shard_name(s.index) for s in shards], dataset=dataset, fs=fs)
     if MANIFEST not in present or _committed(root, fs) != manifest:
         write_manifest(root, manifest, fs)

@@ -1,6 +1,8 @@
-"""Runners only schedule stage functions: in-process, as Ray CPU tasks, or on a pool of Ray GPU actors.
+"""Runners only schedule stages: in-process, as Ray CPU tasks, or on a pool of Ray GPU actors.
 
-``map_shards`` runs ``fn(item, *args)`` for every item and yields (item, result, error) as each finishes.
+``map_shards`` runs ``fn(item, *args)`` for every item and yields (item, result, error) as each finishes; ``fn``
+is a function or a picklable callable, such as a stage bound to its settings
+(:class:`kmim.pipeline.stages.TokenizeStage`), shipped once to every Ray worker with ``args``.
 
 - **local**: in-process, one item after the other (debugging, tests).
 - **Ray CPU tasks** (pixel extractor, or a cluster without GPUs): one task per item, ``num_cpus=1``, at most
@@ -124,21 +126,33 @@ class _StageActor:
         return self.fn(item, *self.args)
 
 
+def _call(fn: Callable[..., Any], item: Any, *args: Any) -> Any:
+    """``fn(item, *args)``: the function of every Ray task, which Ray requires to be a function, not a callable."""
+    return fn(item, *args)
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    """What Ray calls a task running ``fn`` (its workers are titled ``ray::<name>``): the function's or the
+    callable's class name."""
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
 class _TaskPool:
     """One Ray CPU task per item, at most ``limit`` in flight."""
 
     def __init__(self, fn: Callable[..., Any], args: list, limit: int) -> None:
         import ray
 
-        self.remote = ray.remote(num_cpus=1, max_retries=0)(fn)  # retried by the driver, which counts attempts
-        self.args, self.limit, self.running = args, limit, 0
+        # Retried by the driver, which counts attempts.
+        self.remote = ray.remote(num_cpus=1, max_retries=0)(_call).options(name=_name(fn))
+        self.fn, self.args, self.limit, self.running = ray.put(fn), args, limit, 0
 
     def has_room(self) -> bool:
         return self.running < self.limit
 
     def submit(self, item: Any) -> Any:
         self.running += 1
-        return self.remote.remote(item, *self.args)
+        return self.remote.remote(self.fn, item, *self.args)
 
     def finished(self, ref: Any, error: BaseException | None) -> None:
         self.running -= 1

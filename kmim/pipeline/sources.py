@@ -50,6 +50,20 @@ class InputError(ValueError):
 
 
 @dataclass(frozen=True)
+class SourceSpec:
+    """What the input is and how it is read: ``input`` (a path, brace pattern or fsspec URL; None = the built-in
+    sample), ``shard_size`` samples per input shard (folders, Parquet, the built-in sample), the Parquet
+    ``image_column`` and ``label_column``, and ``max_image_bytes``, the bytes above which an image is skipped
+    unread."""
+
+    input: str | None
+    shard_size: int
+    image_column: str
+    label_column: str | None
+    max_image_bytes: int
+
+
+@dataclass(frozen=True)
 class InputShard:
     """One unit of work. ``files`` are (relative path, label) for folders; rows are [start, stop)."""
 
@@ -142,18 +156,18 @@ def _plan_folder(fs, root: str, listing: list[str], shard_size: int) -> tuple[li
     return shards, classes or None
 
 
-def _plan_parquet(fs, paths: list[str], cfg) -> list[InputShard]:
+def _plan_parquet(fs, paths: list[str], source: SourceSpec) -> list[InputShard]:
     shards: list[InputShard] = []
     for path in paths:
         with fs.open(path, "rb") as f:
             schema = pq.read_schema(f)
             f.seek(0)
             rows = pq.ParquetFile(f).metadata.num_rows
-        if cfg.image_column not in schema.names:
-            raise InputError(f"{path}: field 'image_column': column {cfg.image_column!r} not found "
+        if source.image_column not in schema.names:
+            raise InputError(f"{path}: field 'image_column': column {source.image_column!r} not found "
                              f"(columns: {', '.join(schema.names)})")
         shards.extend(InputShard(len(shards), "parquet", _url(fs, path), (), a, b)
-                      for a, b in _chunks(rows, cfg.shard_size))
+                      for a, b in _chunks(rows, source.shard_size))
     return shards
 
 
@@ -164,15 +178,15 @@ def _builtin_images() -> tuple[np.ndarray, np.ndarray]:
     return digits.images, digits.target
 
 
-def plan_inputs(cfg) -> tuple[list[InputShard], list[str] | None]:
-    """Split the configured input into ordered shards; returns (shards, class names or None)."""
-    if cfg.input is None:
+def plan_inputs(source: SourceSpec) -> tuple[list[InputShard], list[str] | None]:
+    """Split ``source.input`` into ordered shards; returns (shards, class names or None)."""
+    if source.input is None:
         n = len(_builtin_images()[1])
-        shards = [InputShard(i, "builtin", BUILTIN, (), a, b) for i, (a, b) in enumerate(_chunks(n, cfg.shard_size))]
+        shards = [InputShard(i, "builtin", BUILTIN, (), a, b) for i, (a, b) in enumerate(_chunks(n, source.shard_size))]
         return shards, [str(d) for d in range(10)]
-    fs, paths = _expand(cfg.input)
+    fs, paths = _expand(source.input)
     if not paths or not all(fs.exists(p) for p in paths):
-        missing = next((p for p in paths if not fs.exists(p)), cfg.input)
+        missing = next((p for p in paths if not fs.exists(p)), source.input)
         raise InputError(f"field 'input': {missing!r} does not exist")
     if len(paths) == 1 and fs.isdir(paths[0]):
         root = paths[0]
@@ -184,14 +198,14 @@ def plan_inputs(cfg) -> tuple[list[InputShard], list[str] | None]:
         elif parquets and not tars:
             paths = parquets
         else:
-            return _plan_folder(fs, root, listing, cfg.shard_size)
+            return _plan_folder(fs, root, listing, source.shard_size)
     elif special := next((p for p in paths if _file_type(fs, p) == "other"), None):
         raise InputError(f"field 'input': {special!r} is not a regular file")
     if all(_kind(p) == "tar" for p in paths):
         return [InputShard(i, "tar", _url(fs, p)) for i, p in enumerate(paths)], None
     if all(_kind(p) == "parquet" for p in paths):
-        return _plan_parquet(fs, paths, cfg), None
-    raise InputError(f"field 'input': {cfg.input!r} is not an image folder, .tar shards or .parquet files")
+        return _plan_parquet(fs, paths, source), None
+    raise InputError(f"field 'input': {source.input!r} is not an image folder, .tar shards or .parquet files")
 
 
 def _over_cap(size: int, cap: int) -> str:
@@ -286,13 +300,13 @@ def _read_tar(shard: InputShard, cap: int) -> Iterator[RawSample]:
             yield _tar_sample(f"{name}/{sample['__key__']}", sample, cap)
 
 
-def _read_parquet(shard: InputShard, cfg) -> Iterator[RawSample]:
+def _read_parquet(shard: InputShard, source: SourceSpec) -> Iterator[RawSample]:
     name = _file_name(shard.location)
     with fsspec.open(shard.location, "rb") as f:
         pf = pq.ParquetFile(f)
-        columns = [cfg.image_column]
-        if cfg.label_column and cfg.label_column in pf.schema_arrow.names:
-            columns.append(cfg.label_column)
+        columns = [source.image_column]
+        if source.label_column and source.label_column in pf.schema_arrow.names:
+            columns.append(source.label_column)
         # Read only the row groups overlapping [start, stop).
         groups, first, offset = [], None, 0
         for g in range(pf.metadata.num_row_groups):
@@ -302,11 +316,11 @@ def _read_parquet(shard: InputShard, cfg) -> Iterator[RawSample]:
                 first = offset if first is None else first
             offset += n
         table = pf.read_row_groups(groups, columns=columns).slice(shard.start - first, shard.stop - shard.start)
-    images = table.column(cfg.image_column).to_pylist()
-    labels = table.column(cfg.label_column).to_pylist() if len(columns) > 1 else [None] * len(images)
+    images = table.column(source.image_column).to_pylist()
+    labels = table.column(source.label_column).to_pylist() if len(columns) > 1 else [None] * len(images)
     for row, (img, label) in enumerate(zip(images, labels, strict=True), start=shard.start):
         yield _parquet_sample(f"{name}#{row}", img.get("bytes") if isinstance(img, dict) else img, label,
-                              cfg.max_image_bytes)
+                              source.max_image_bytes)
 
 
 def _parquet_sample(source: str, data: object, raw_label: object, cap: int) -> RawSample:
@@ -331,12 +345,12 @@ def _read_builtin(shard: InputShard) -> Iterator[RawSample]:
         yield RawSample(f"sklearn-digits/{i:04d}.png", buf.getvalue(), int(targets[i]))
 
 
-def read_shard(shard: InputShard, cfg) -> Iterator[RawSample]:
-    """Yield the raw samples of one input shard, in a fixed order."""
+def read_shard(shard: InputShard, source: SourceSpec) -> Iterator[RawSample]:
+    """Yield the raw samples of one input shard of ``source``, in a fixed order."""
     if shard.kind == "folder":
-        return _read_folder(shard, cfg.max_image_bytes)
+        return _read_folder(shard, source.max_image_bytes)
     if shard.kind == "tar":
-        return _read_tar(shard, cfg.max_image_bytes)
+        return _read_tar(shard, source.max_image_bytes)
     if shard.kind == "parquet":
-        return _read_parquet(shard, cfg)
+        return _read_parquet(shard, source)
     return _read_builtin(shard)

@@ -1,4 +1,5 @@
-"""The two stages, each a function over one input shard: sample fit features, and tokenize.
+"""The two stages, each a frozen callable over one input shard built with only the settings it uses: sample fit
+features (:class:`FitSampleStage`), and tokenize (:class:`TokenizeStage`).
 
 Both run unchanged in-process or as Ray tasks. Decoding goes through
 :func:`kmim.datasets.preprocess.decode_view`, the same function the training loader uses.
@@ -14,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,10 +27,10 @@ from kmim.datasets.codebook import Codebook, load_codebook
 from kmim.datasets.manifest import CODEBOOK, TokenCounts, index_name, shard_name, write_index
 from kmim.datasets.preprocess import Preprocess, SkipImage, View, decode_view
 from kmim.datasets.shards import ShardWriter, encode_npy
-from kmim.pipeline.sources import InputShard, RawSample, read_shard
+from kmim.pipeline.sources import InputShard, RawSample, SourceSpec, read_shard
 from kmim.storage import get_file, is_local, join, open_url, put_verified, staging_dir
 from kmim.tokenizers.assign import nearest
-from kmim.tokenizers.extractors import build_extractor
+from kmim.tokenizers.extractors import ExtractorSpec, build_extractor
 
 log = logging.getLogger("kmim")
 
@@ -43,8 +45,25 @@ def sample_key(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()[:16]
 
 
-def preprocess_of(cfg) -> Preprocess:
-    return Preprocess(cfg.image_size, cfg.min_image_size, cfg.max_image_pixels)
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How a stage turns an input shard into views: read as ``source`` says, decoded to ``preprocess``'s view on
+    ``threads`` threads (None: the CPUs this process may use, which Ray sets per worker)."""
+
+    source: SourceSpec
+    preprocess: Preprocess
+    threads: int | None
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where the tokenize stage writes: ``url`` (a directory or fsspec URL), its filesystem's ``storage_options``
+    (may hold credentials: never shown), and ``staging``, the local directory a remote output's shards are
+    written in before upload (None: the default, see :func:`kmim.storage.staging_dir`)."""
+
+    url: str
+    storage_options: dict = field(repr=False)
+    staging: str | None
 
 
 def token_dtype(k: int) -> np.dtype:
@@ -64,22 +83,22 @@ def _decode_one(raw: RawSample, pre: Preprocess) -> tuple[RawSample, View | None
     return raw, None, reason
 
 
-def _decoded(shard: InputShard, cfg) -> Iterator[tuple[RawSample, View | None, str | None]]:
+def _decoded(shard: InputShard, decode: DecodeSpec) -> Iterator[tuple[RawSample, View | None, str | None]]:
     """(raw sample, view or None, skip reason or None) for every input of the shard, in order.
 
-    Decodes on ``cfg.decode_threads`` threads (default: the CPUs this process may use, which Ray sets
+    Decodes on ``decode.threads`` threads (default: the CPUs this process may use, which Ray sets
     per worker), so a GPU worker's batch is decoded by all the cores it holds, in the same process that
     extracts and assigns it. At most 4 images per thread are decoded ahead of the consumer.
     """
-    pre = preprocess_of(cfg)
-    threads = cfg.decode_threads or torch.get_num_threads()
+    pre = decode.preprocess
+    threads = decode.threads or torch.get_num_threads()
     if threads == 1:
-        yield from (_decode_one(raw, pre) for raw in read_shard(shard, cfg))
+        yield from (_decode_one(raw, pre) for raw in read_shard(shard, decode.source))
         return
     ahead: deque[Future] = deque()
     with ThreadPoolExecutor(threads, thread_name_prefix="kmim-decode") as pool:
         try:
-            for raw in read_shard(shard, cfg):
+            for raw in read_shard(shard, decode.source):
                 ahead.append(pool.submit(_decode_one, raw, pre))
                 if len(ahead) >= 4 * threads:
                     yield ahead.popleft().result()
@@ -110,29 +129,40 @@ def on_halves(fn: Callable[[list[View]], torch.Tensor], views: list[View]) -> to
         return torch.cat([on_halves(fn, views[:half]), on_halves(fn, views[half:])])
 
 
-def sample_fit_features(shard: InputShard, cfg, n_images: int, patches_per_image: int) -> np.ndarray:
-    """Patch features float32 [n, D] from the first ``n_images`` decodable images of the shard.
+@dataclass(frozen=True)
+class FitSampleStage:
+    """Stage: the k-means fit features of one input shard, float32 [n, D].
 
-    From each image, ``patches_per_image`` patches are drawn without replacement by a generator
-    seeded with (seed, sample key), so the fit sample does not depend on the runner or batch size.
+    From each of the shard's first ``images`` decodable images, ``patches`` patches are drawn without
+    replacement by a generator seeded with (``seed``, sample key), so the fit sample does not depend on the
+    runner or on ``batch_size`` (images per extraction batch).
     """
-    extractor = build_extractor(cfg)
-    views, keys = [], []
-    for raw, view, _ in _decoded(shard, cfg):
-        if view is not None:
-            views.append(view)
-            keys.append(sample_key(raw.source))
-            if len(views) == n_images:
-                break
-    out = []
-    for start in range(0, len(views), cfg.batch_size):
-        with torch.inference_mode():
-            feats = on_halves(lambda batch: extractor(_batch_tensor(batch)).cpu(), views[start:start + cfg.batch_size])
-        feats = feats.reshape(feats.shape[0], -1, feats.shape[-1]).float().numpy()
-        for f, key in zip(feats, keys[start:start + cfg.batch_size], strict=True):
-            rng = np.random.default_rng([cfg.seed, int(key, 16)])
-            out.append(f[rng.choice(f.shape[0], size=min(patches_per_image, f.shape[0]), replace=False)])
-    return np.concatenate(out) if out else np.zeros((0, extractor.dim), np.float32)
+
+    decode: DecodeSpec
+    extractor: ExtractorSpec
+    batch_size: int
+    seed: int
+    images: int
+    patches: int
+
+    def __call__(self, shard: InputShard) -> np.ndarray:
+        extractor = build_extractor(self.extractor)
+        views, keys = [], []
+        for raw, view, _ in _decoded(shard, self.decode):
+            if view is not None:
+                views.append(view)
+                keys.append(sample_key(raw.source))
+                if len(views) == self.images:
+                    break
+        out, size = [], self.batch_size
+        for start in range(0, len(views), size):
+            with torch.inference_mode():
+                feats = on_halves(lambda batch: extractor(_batch_tensor(batch)).cpu(), views[start:start + size])
+            feats = feats.reshape(feats.shape[0], -1, feats.shape[-1]).float().numpy()
+            for f, key in zip(feats, keys[start:start + size], strict=True):
+                rng = np.random.default_rng([self.seed, int(key, 16)])
+                out.append(f[rng.choice(f.shape[0], size=min(self.patches, f.shape[0]), replace=False)])
+        return np.concatenate(out) if out else np.zeros((0, extractor.dim), np.float32)
 
 
 @lru_cache(maxsize=2)
@@ -155,8 +185,9 @@ class _Assigner:
     """Token grids of a batch of views: extract, then the exact nearest-centroid search on the features' device
     (a GPU actor's GPU), accumulating the seconds of each phase in ``timing``."""
 
-    def __init__(self, cfg, book: Codebook, codebook_path: str, timing: dict[str, float]) -> None:
-        self.extractor, self.book, self.method, self.timing = build_extractor(cfg), book, cfg.assign, timing
+    def __init__(self, extractor: ExtractorSpec, method: str, book: Codebook, codebook_path: str,
+                 timing: dict[str, float]) -> None:
+        self.extractor, self.book, self.method, self.timing = build_extractor(extractor), book, method, timing
         differs = sorted(k for k, v in self.extractor.metadata().items() if book.metadata.get(k) != v)
         if differs:  # e.g. a weights file replaced between the fit and a resumed run
             raise ValueError(f"{codebook_path}: the extractor differs from the one the codebook was fitted with "
@@ -230,47 +261,59 @@ def upload_shard(out: Path, name: str, fs: AbstractFileSystem, root: str, sha256
     return time.perf_counter() - t
 
 
-def tokenize_shard(shard: InputShard, cfg, codebook_path: str, out_dir: str) -> dict:
-    """Tokenize one input shard into ``out_dir/shard-XXXXX.tar`` (+ its index), atomically.
+@dataclass(frozen=True)
+class TokenizeStage:
+    """Stage: tokenize one input shard into ``shard-XXXXX.tar`` (+ its index) in ``output``, atomically.
 
-    ``codebook_path`` and ``out_dir`` are paths or fsspec URLs. A remote shard is written to the local staging
-    directory, then its index and its tar are uploaded, in that order, each checked before it counts.
-    Returns the shard stats (also stored in the index) plus ``timing`` seconds per phase.
+    ``codebook`` is the codebook's path or fsspec URL, read with the output's storage options. Views are
+    extracted and assigned (nearest-centroid search ``assign``) ``batch_size`` images at a time. A remote shard
+    is written to the local staging directory, then its index and its tar are uploaded, in that order, each
+    checked before it counts. Returns the shard stats (also stored in the index) plus ``timing``: seconds per
+    phase.
     """
-    book = _codebook(codebook_path, cfg.storage_options)
-    timing = {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
-    assign = _Assigner(cfg, book, codebook_path, timing)
-    fs, root = open_url(out_dir, cfg.storage_options)
-    out = Path(root) if is_local(fs) else staging_dir(out_dir, cfg.staging)
-    out.mkdir(parents=True, exist_ok=True)
-    name = shard_name(shard.index)
-    record, pending = _ShardRecord(book.k), []
 
-    def flush() -> None:
-        grids = assign([v for _, v in pending])
-        t = time.perf_counter()
-        _write_samples(writer, pending, grids, record.counts)
-        timing["write"] += time.perf_counter() - t
-        pending.clear()
+    decode: DecodeSpec
+    extractor: ExtractorSpec
+    batch_size: int
+    assign: str
+    codebook: str
+    output: OutputSpec
 
-    with ShardWriter(out / name) as writer:  # an exception discards the shard (its temporary file)
-        t = time.perf_counter()
-        for raw, view, reason in _decoded(shard, cfg):
-            timing["decode"] += time.perf_counter() - t
-            record.add_input(raw, view, reason)
-            if reason is None:
-                pending.append((raw, view))
-                if len(pending) == cfg.batch_size:
-                    flush()
+    def __call__(self, shard: InputShard) -> dict:
+        book = _codebook(self.codebook, self.output.storage_options)
+        timing = {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
+        assigner = _Assigner(self.extractor, self.assign, book, self.codebook, timing)
+        fs, root = open_url(self.output.url, self.output.storage_options)
+        out = Path(root) if is_local(fs) else staging_dir(self.output.url, self.output.staging)
+        out.mkdir(parents=True, exist_ok=True)
+        name = shard_name(shard.index)
+        record, pending = _ShardRecord(book.k), []
+
+        def flush() -> None:
+            grids = assigner([v for _, v in pending])
             t = time.perf_counter()
-        if pending:
-            flush()
-        t = time.perf_counter()
-        sha, nbytes = writer.finish()  # hashed while written
-        stats = record.stats(writer.samples, sha, nbytes, book.tokenizer_id)
-        write_index(out / index_name(name), record.rows, stats)  # the index first: a finished shard has its index
-        writer.commit()
-        timing["write"] += time.perf_counter() - t
-    if not is_local(fs):
-        timing["upload"] = upload_shard(out, name, fs, root, sha, nbytes)
-    return {**stats, "shard": name, "timing": timing}
+            _write_samples(writer, pending, grids, record.counts)
+            timing["write"] += time.perf_counter() - t
+            pending.clear()
+
+        with ShardWriter(out / name) as writer:  # an exception discards the shard (its temporary file)
+            t = time.perf_counter()
+            for raw, view, reason in _decoded(shard, self.decode):
+                timing["decode"] += time.perf_counter() - t
+                record.add_input(raw, view, reason)
+                if reason is None:
+                    pending.append((raw, view))
+                    if len(pending) == self.batch_size:
+                        flush()
+                t = time.perf_counter()
+            if pending:
+                flush()
+            t = time.perf_counter()
+            sha, nbytes = writer.finish()  # hashed while written
+            stats = record.stats(writer.samples, sha, nbytes, book.tokenizer_id)
+            write_index(out / index_name(name), record.rows, stats)  # the index first: a finished shard has its index
+            writer.commit()
+            timing["write"] += time.perf_counter() - t
+        if not is_local(fs):
+            timing["upload"] = upload_shard(out, name, fs, root, sha, nbytes)
+        return {**stats, "shard": name, "timing": timing}

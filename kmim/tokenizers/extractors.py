@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from kmim.tokenizers.learned import LearnedSpec, cached_extractor
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -69,15 +71,25 @@ class PixelExtractor:
                 "normalize": self.normalize, "norm_pix": self.norm_pix, "dim": self.dim, "metric": self.metric}
 
 
-def build_extractor(cfg) -> Extractor:
-    """Construct the extractor a :class:`kmim.config.JobConfig` asks for.
+@dataclass(frozen=True)
+class PixelSpec:
+    """The settings of a :class:`PixelExtractor`: ``patch_size`` in pixels, input ``normalize`` ("imagenet" |
+    "none"), and ``norm_pix`` (per-patch mean/variance normalization)."""
 
-    Learned extractors (dino, clip) are built once per process and settings, then reused by every stage call.
+    patch_size: int
+    normalize: str
+    norm_pix: bool
+
+
+# What :func:`build_extractor` takes: the settings that determine an extractor's features.
+ExtractorSpec = PixelSpec | LearnedSpec
+
+
+def build_extractor(spec: ExtractorSpec) -> Extractor:
+    """The extractor of ``spec``.
+
+    Learned extractors (dino, clip) are built once per process and spec, then reused by every stage call.
     """
-    if cfg.extractor == "pixel":
-        return PixelExtractor(cfg.patch_size, cfg.normalize, cfg.norm_pix)
-    if cfg.extractor in ("dino", "clip"):
-        from kmim.tokenizers.learned import LearnedSpec, cached_extractor
-
-        return cached_extractor(LearnedSpec.of(cfg))
-    raise ValueError(f"field 'extractor': unknown extractor {cfg.extractor!r}")
+    if isinstance(spec, PixelSpec):
+        return PixelExtractor(spec.patch_size, spec.normalize, spec.norm_pix)
+    return cached_extractor(spec)

@@ -70,7 +70,8 @@ def check_architecture(extractor: str, model: str, kwargs: dict, layer: int | No
 
 @dataclass(frozen=True)
 class LearnedSpec:
-    """The job settings that determine a learned extractor (hashable: the per-process cache key)."""
+    """The settings that determine a learned extractor (hashable: the per-process cache key). Sizes are in
+    pixels; ``layer`` None is the model's last."""
 
     extractor: str
     model: str
@@ -83,13 +84,6 @@ class LearnedSpec:
     device: str  # "auto" | "cpu" | "cuda[:N]"
     image_size: int
     patch_size: int
-
-    @classmethod
-    def of(cls, cfg) -> LearnedSpec:
-        """From a :class:`kmim.config.JobConfig`."""
-        return cls(cfg.extractor, cfg.model, json.dumps(cfg.model_kwargs or {}, sort_keys=True), cfg.weights,
-                   cfg.layer, cfg.normalize, cfg.resample or "input", cfg.dtype or "auto", cfg.device or "auto",
-                   cfg.image_size, cfg.patch_size)
 
 
 LOGICAL_GPUS_ENV = "KMIM_LOGICAL_GPUS"
