@@ -8,6 +8,7 @@ Checks that need a model built or its weights found are a job step (:mod:`kmim.p
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,6 +83,16 @@ class JobConfig(BaseModel):
     k: int = Field(50, ge=2, le=2**31 - 1, description="codebook size")
     image_size: int = Field(224, ge=8, le=4096, description="resize the shorter side to this, then center crop")
     patch_size: int = Field(16, ge=1, le=512, description="patch size in pixels")
+    views: int = Field(1, ge=1, le=256, description="views tokenized per image: view 0 is the center view, views "
+                                                     "1.. random resized crops (see view_scale, view_ratio, view_flip)")
+    view_scale: tuple[float, float] = Field((0.2, 1.0), description="random views: min,max share of the image's "
+                                            "area a crop covers")
+    view_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random views: min,max aspect ratio "
+                                            "(width/height) of a crop, drawn log-uniformly")
+    view_flip: float = Field(0.5, ge=0, le=1, description="random views: probability of a horizontal flip")
+    tokenizer_image_size: int | None = Field(None, ge=8, le=4096, description="dino/clip: render each view's crop "
+                                             "at this size for the extractor (the grid stays image_size/patch_size); "
+                                             "default: image_size")
     seed: int = Field(0, ge=0, description="seed of the fit sample and the k-means fit")
     normalize: Literal["imagenet", "none", "l2"] | None = Field(
         None, validate_default=True,
@@ -134,7 +145,23 @@ class JobConfig(BaseModel):
                 raise ValueError(f"not a JSON object: {e}") from None
         return v
 
-    @field_validator("model", "model_kwargs", "weights", "layer", "resample", "dtype", "device")
+    @field_validator("view_scale", "view_ratio", mode="before")
+    @classmethod
+    def _parse_pair(cls, v):
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",")]
+        return v
+
+    @field_validator("view_scale", "view_ratio")
+    @classmethod
+    def _check_pair(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        top = 1.0 if info.field_name == "view_scale" else math.inf
+        if not 0 < v[0] <= v[1] <= top:
+            raise ValueError(f"expected min,max with 0 < min <= max{' <= 1' if top == 1.0 else ''}")
+        return v
+
+    @field_validator("model", "model_kwargs", "weights", "layer", "resample", "dtype", "device",
+                     "tokenizer_image_size")
     @classmethod
     def _learned_only(cls, v, info: ValidationInfo):
         if v is not None and info.data.get("extractor") == "pixel":
@@ -176,6 +203,9 @@ class JobConfig(BaseModel):
         if self.image_size % self.patch_size:
             raise ValueError(f"field 'image_size' ({self.image_size}) must be a multiple of field 'patch_size' "
                              f"({self.patch_size})")
+        if self.tokenizer_image_size is not None and self.tokenizer_image_size % self.grid:
+            raise ValueError(f"field 'tokenizer_image_size' ({self.tokenizer_image_size}) must be a multiple of the "
+                             f"token grid's side ({self.grid} = image_size / patch_size)")
         if self.k > self.fit_patches:
             raise ValueError(f"field 'k' ({self.k}) must not exceed field 'fit_patches' ({self.fit_patches})")
         return self

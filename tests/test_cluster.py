@@ -181,6 +181,16 @@ def test_job_over_two_nodes_gives_the_local_manifest(data: Path, tmp_path: Path,
     assert read_manifest(tmp_path / "out") == read_manifest(local["dino"])
 
 
+def test_multi_view_job_on_gpu_actors_gives_the_local_dataset(data: Path, tmp_path: Path, driver: str) -> None:
+    """``--views`` and ``--tokenizer-image-size`` need nothing of the GPU actor path: the same shards as in-process."""
+    views = {"views": 3, "tokenizer_image_size": 64}
+    run_job(load_config(None, settings(data, tmp_path / "local", "dino", **views)))
+    summary = run_job(load_config(None, settings(data, tmp_path / "out", "dino", runner="ray", ray_address=driver,
+                                                 **views)))
+    assert summary["shards_written"] == 4 and verify_dataset(tmp_path / "out") == []
+    assert read_manifest(tmp_path / "out") == read_manifest(tmp_path / "local")
+
+
 def test_driver_without_gpus_resolves_what_the_gpu_workers_compute(data: Path, tmp_path: Path, driver: str,
                                                                    local: dict[str, Path]) -> None:
     """dtype auto on a cluster with GPUs is bf16 for the driver's codebook metadata and every worker alike (the

@@ -109,6 +109,25 @@ def test_ray_run_to_s3_then_verify_and_load(bucket: str, images: Path, local_dat
     assert a["key"] == b["key"] and torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["image"], b["image"])
 
 
+def test_multi_view_run_to_s3_matches_a_local_one(bucket: str, images: Path, tmp_path: Path) -> None:
+    """``--views`` through the command line to an object store: the same shards as a local run, verified, and the
+    loader's random views read back the same."""
+    cfg = job_overrides(input=str(images), views=3, view_scale="0.3,0.9")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
+    url = f"{bucket}/views"
+    for out in (url, str(tmp_path / "local")):
+        res = cli.invoke(app, ["run", "--out", out, "--staging", str(tmp_path / "stage"), *args])
+        assert res.exit_code == 0, res.output
+    manifest = read_manifest(url.removeprefix("s3://"), s3fs.S3FileSystem())
+    assert manifest == read_manifest(tmp_path / "local") and manifest["views"]["scale"] == [0.3, 0.9]
+    assert verify_dataset(url) == []
+    remote = TokenDataset(url, batch_size=6, cache_dir=tmp_path / "cache")
+    local = TokenDataset(tmp_path / "local", batch_size=6)
+    for a, b in zip(remote.batches(0), local.batches(0), strict=True):
+        assert torch.equal(a["view"], b["view"]) and torch.equal(a["tokens"], b["tokens"])
+        assert torch.equal(a["image"], b["image"])
+
+
 def test_transient_errors_and_corrupt_uploads_are_retried(bucket: str, images: Path, local_dataset: Path,
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     garbage = tmp_path / "garbage"

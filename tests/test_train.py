@@ -91,7 +91,7 @@ def test_ddp_two_gloo_processes_see_disjoint_samples(dataset: Path, tmp_path: Pa
 
 
 def test_resume_is_exact(dataset: Path, tmp_path: Path) -> None:
-    settings = {"mto": True, "accum_steps": 2, "checkpoint_every": 2, "hflip": True, "warmup_steps": 2,
+    settings = {"mto": True, "accum_steps": 2, "checkpoint_every": 2, "warmup_steps": 2,
                 "epochs": 2}
     train(tiny(dataset, tmp_path / "a", max_steps=6, **settings))
     train(tiny(dataset, tmp_path / "b", max_steps=3, **settings))

@@ -18,9 +18,13 @@ Reading: only shards the manifest lists, each read whole into memory and checked
 (size, sample count and, unless ``verify=False``, sha256 on every load). Remote shards (any non-local
 fsspec URL) are cached on local disk by sha256, evicting the least recently used files beyond
 ``cache_bytes`` (:class:`~kmim.datasets.shard_store.ShardStore`); local shards are read in place.
-Only the image member (via :func:`decode_view` with the manifest's preprocessing, i.e. the exact view
-the tokens were computed on), ``.tokens.npy`` (``allow_pickle=False``) and ``.json`` are decoded; other
-members are ignored, never unpickled.
+Only the image member (decoded with the manifest's preprocessing and rendered with
+:func:`~kmim.datasets.preprocess.render` from the recorded geometry, i.e. the exact view the tokens were computed
+on), ``.tokens.npy`` (``allow_pickle=False``) and ``.json`` are decoded; other members are ignored, never unpickled.
+
+Views: a dataset tokenized with V > 1 views stores V token grids per sample. In :meth:`TokenDataset.batches` each
+(seed, epoch, sample id) picks one view by a pure function (:func:`pick_view`), so a resumed run and every DDP rank
+see the same views; :meth:`TokenDataset.sample` and ``random_views=False`` (evaluation) use view 0, the center view.
 
 Memory per worker is about ``shuffle_window / samples_per_shard + 2`` shards' bytes: a window mixes
 that many shards, and every worker of a rank reads each shard its batches touch.
@@ -44,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kmim.datasets.augment import Augment
 from kmim.datasets.manifest import MANIFEST, ManifestError, TokenSpec, check_manifest, check_sample
-from kmim.datasets.preprocess import Preprocess, SkipImage, decode_view
+from kmim.datasets.preprocess import Preprocess, SkipImage, center_geometry, decode_source, render
 from kmim.datasets.shard_store import LoaderError, ShardStore, default_cache_dir
 from kmim.datasets.shards import ShardError, iter_tar
 from kmim.storage import join
@@ -74,8 +78,8 @@ def open_manifest(root: str | os.PathLike, *, expect_tokenizer_id: str | None = 
 
     Raises :class:`LoaderError` when the manifest is missing or breaks the contract
     (:func:`~kmim.datasets.manifest.check_manifest`: e.g. a shard path that is not a plain ``*.tar`` name inside
-    the dataset directory), its token grid is not 2-D [h, w] matching the preprocessing, or its ``tokenizer_id``
-    is not ``expect_tokenizer_id``.
+    the dataset directory), its token grid is not [h, w] (or [V, h, w] with V views) tiling the preprocessing's
+    view, or its ``tokenizer_id`` is not ``expect_tokenizer_id``.
     """
     url = join(os.fspath(root), MANIFEST)
     try:
@@ -95,8 +99,9 @@ def open_manifest(root: str | os.PathLike, *, expect_tokenizer_id: str | None = 
     pre = _preprocess(manifest, url)
     grid = manifest["token_grid"]
     p = grid.get("patch_size")
-    if not (isinstance(p, int) and p > 0 and pre.image_size % p == 0 and grid["shape"] == [pre.image_size // p] * 2):
-        raise LoaderError(f"{url}: token grid {grid} does not tile the {pre.image_size}px view as [h, w]")
+    tiles = isinstance(p, int) and p > 0 and pre.image_size % p == 0
+    if not (tiles and len(grid["shape"]) in (2, 3) and grid["shape"][-2:] == [pre.image_size // p] * 2):
+        raise LoaderError(f"{url}: token grid {grid} does not tile the {pre.image_size}px view as [h, w] or [V, h, w]")
     return manifest
 
 
@@ -117,6 +122,11 @@ def epoch_order(counts: Sequence[int], seed: int, epoch: int, *, shuffle: bool =
     return ids[np.lexsort((keys, np.arange(len(ids)) // window))]
 
 
+def pick_view(seed: int, epoch: int, index: int, views: int) -> int:
+    """The view in [0, ``views``) that global sample ``index`` shows in ``epoch``: a pure function of its arguments."""
+    return int(np.random.default_rng([seed, epoch, index, 1]).integers(views)) if views > 1 else 0
+
+
 def _dist_layout() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -128,7 +138,8 @@ class TokenDataset(IterableDataset):
 
     Each batch is a dict: ``image`` float32 [B, 3, S, S] (normalized with ``mean`` / ``std`` over [0, 1]
     pixels), ``tokens`` int64 [B, h, w], ``label`` int64 [B] (-1 = none), ``key`` list[str] of B,
-    ``index`` int64 [B] (global sample ids, see :func:`epoch_order`), ``flip`` bool [B].
+    ``index`` int64 [B] (global sample ids, see :func:`epoch_order`), ``view`` int64 [B] (the stored view shown,
+    see :func:`pick_view`; 0 with ``random_views=False``), ``flip`` bool [B] (whether that view is mirrored).
 
     ``rank`` / ``world_size`` default to torch.distributed's when initialized, else 0 / 1. Iteration yields
     this rank's batches of epoch :attr:`epoch` from sample position :attr:`start`, split across DataLoader
@@ -139,7 +150,8 @@ class TokenDataset(IterableDataset):
                  shuffle_window: int = 4096, drop_last: bool = True, rank: int | None = None,
                  world_size: int | None = None, expect_tokenizer_id: str | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 augment: Augment | None = None, verify: bool = True, cache_dir: str | os.PathLike | None = None,
+                 augment: Augment | None = None, random_views: bool = True, verify: bool = True,
+                 cache_dir: str | os.PathLike | None = None,
                  cache_bytes: int = 16 << 30, storage_options: dict | None = None):
         if batch_size < 1 or shuffle_window < 1 or cache_bytes < 0:
             raise ValueError("batch_size and shuffle_window must be >= 1, cache_bytes >= 0")
@@ -153,7 +165,7 @@ class TokenDataset(IterableDataset):
                                       storage_options=storage_options)
         self.batch_size, self.seed, self.shuffle, self.shuffle_window = batch_size, seed, shuffle, shuffle_window
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.augment = augment or Augment()
+        self.augment, self.random_views = augment or Augment(), random_views
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.shards = [e["path"] for e in self.manifest["shards"]]
@@ -212,38 +224,43 @@ class TokenDataset(IterableDataset):
                 self._cache.popitem(last=False)
         return self._cache[shard][index - int(self.offsets[shard])], self.shards[shard]
 
-    def _decode(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, int, str, bool]:
-        """(image float32 [3, S, S], tokens int64 [h, w], label, key, flipped) of one global sample id."""
+    def _decode(self, index: int, view: int, rng: np.random.Generator | None,
+                ) -> tuple[np.ndarray, np.ndarray, int, str, dict]:
+        """(image float32 [3, S, S], tokens int64 [h, w], label, key, geometry) of stored view ``view`` of one
+        global sample id, colour-augmented with ``rng`` unless it is None."""
         sample, name = self._raw(index)
         where = f"{name}: sample {sample['__key__']}"
         try:
             checked = check_sample(sample, self._spec, where)
+            source = decode_source(checked.image, self._pre)
         except ShardError as e:
             raise LoaderError(str(e)) from None
-        meta, tokens = checked.meta, checked.tokens
-        try:
-            view = decode_view(checked.image, self._pre)
         except SkipImage as e:
             raise LoaderError(f"{where}: stored image does not decode ({e})") from None
-        if view.geometry != meta.get("view"):
-            raise LoaderError(f"{where}: decoded view {view.geometry} is not the one the tokens were computed on "
-                              f"({meta.get('view')})")
-        pixels = view.pixels.astype(np.float32) / 255.0
-        flip = False
+        geometry, size = checked.geometry[view], self._pre.image_size
+        if geometry["source_size"] != list(source.image.size) or (
+                view == 0 and geometry != center_geometry(*source.image.size, size)):
+            raise LoaderError(f"{where}: view {view} {geometry} is not a view of the stored "
+                              f"{source.image.size[0]}x{source.image.size[1]} image at {size}px")
+        pixels = render(source.image, geometry, size).astype(np.float32) / 255.0
         if rng is not None:
-            pixels, tokens, flip = self.augment.apply(pixels, tokens, rng)
+            pixels = self.augment.apply(pixels, rng)
         image = ((pixels - self.mean) / self.std).transpose(2, 0, 1)
-        label = meta.get("label")
-        return image, tokens.astype(np.int64), -1 if label is None else int(label), checked.key, flip
+        tokens = checked.tokens if checked.tokens.ndim == 2 else checked.tokens[view]
+        label = checked.meta.get("label")
+        return image, tokens.astype(np.int64), -1 if label is None else int(label), checked.key, geometry
 
-    def sample(self, index: int) -> dict:
-        """One sample by global id, without augmentation: ``image`` float32 [3, S, S], ``tokens`` int64
-        [h, w], ``label`` int (-1 = none), ``key`` str."""
+    def sample(self, index: int, view: int = 0) -> dict:
+        """One sample by global id, its stored view ``view`` (default: the center view, the evaluation view) without
+        augmentation: ``image`` float32 [3, S, S], ``tokens`` int64 [h, w], ``label`` int (-1 = none), ``key`` str,
+        ``view`` dict (the view's geometry)."""
         if not 0 <= index < self.offsets[-1]:
             raise IndexError(f"sample {index} out of range [0, {int(self.offsets[-1])})")
-        image, tokens, label, key, _ = self._decode(index, None)
+        if not 0 <= view < self._spec.views:
+            raise IndexError(f"view {view} out of range [0, {self._spec.views})")
+        image, tokens, label, key, geometry = self._decode(index, view, None)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)), "tokens": torch.from_numpy(tokens),
-                "label": label, "key": key}
+                "label": label, "key": key, "view": geometry}
 
     def batches(self, epoch: int, start: int = 0, worker: int = 0, workers: int = 1) -> Iterator[dict]:
         """Batches ``worker``, ``worker + workers``, ... of this rank's ``epoch`` counted from sample ``start``.
@@ -258,23 +275,22 @@ class TokenDataset(IterableDataset):
             pairs = np.unique(window_of * len(self.shards) + shard_of)
             # A window mixes this many shards; one more spares re-reads where windows meet.
             self._cache_size = int(np.bincount(pairs // len(self.shards)).max()) + 1
+        views = self._spec.views if self.random_views else 1
         for j, b0 in enumerate(range(start, len(seq), self.batch_size)):
             if j % workers != worker:
                 continue
-            images, tokens, labels, keys, flips = [], [], [], [], []
-            for pos in range(b0, min(b0 + self.batch_size, len(seq))):
-                slot = self.rank * self.samples_per_rank + pos
+            ids = seq[b0:b0 + self.batch_size]
+            picked = [pick_view(self.seed, epoch, int(i), views) for i in ids]
+            out = []
+            for n, (i, v) in enumerate(zip(ids, picked, strict=True)):
+                slot = self.rank * self.samples_per_rank + b0 + n
                 rng = np.random.default_rng([self.seed, epoch, slot]) if self.augment.active else None
-                image, grid, label, key, flip = self._decode(int(seq[pos]), rng)
-                images.append(image)
-                tokens.append(grid)
-                labels.append(label)
-                keys.append(key)
-                flips.append(flip)
-            yield {"image": torch.from_numpy(np.stack(images)), "tokens": torch.from_numpy(np.stack(tokens)),
-                   "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
-                   "index": torch.from_numpy(seq[b0:b0 + self.batch_size].copy()),
-                   "flip": torch.tensor(flips, dtype=torch.bool)}
+                out.append(self._decode(int(i), v, rng))
+            yield {"image": torch.from_numpy(np.stack([o[0] for o in out])),
+                   "tokens": torch.from_numpy(np.stack([o[1] for o in out])),
+                   "label": torch.tensor([o[2] for o in out], dtype=torch.int64), "key": [o[3] for o in out],
+                   "index": torch.from_numpy(ids.copy()), "view": torch.tensor(picked, dtype=torch.int64),
+                   "flip": torch.tensor([o[4]["flip"] for o in out], dtype=torch.bool)}
 
     def stream(self, epoch: int, start: int = 0, worker: int = 0, workers: int = 1) -> Iterator[dict]:
         """This rank's batches from ``epoch`` / sample ``start`` on, epoch after epoch, without end.

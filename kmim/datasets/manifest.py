@@ -34,7 +34,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from kmim import __version__
-from kmim.datasets.preprocess import IMAGE_EXTS
+from kmim.datasets.preprocess import IMAGE_EXTS, geometry_problem
 from kmim.datasets.shards import ShardError, decode_npy
 from kmim.files import atomic_write
 from kmim.storage import fs_path, join, put_bytes, url_of
@@ -133,6 +133,9 @@ def check_manifest(manifest: object, where: str) -> dict:
         raise ManifestError(f"{where}: field 'token_grid.shape': {shape!r} is not a list of positive sizes")
     if grid.get("dtype") not in TOKEN_DTYPES:
         raise ManifestError(f"{where}: field 'token_grid.dtype': {grid.get('dtype')!r} is not one of {TOKEN_DTYPES}")
+    views = manifest.get("views")
+    if len(shape) == 3 and not (isinstance(views, dict) and views.get("count") == shape[0] > 1):
+        raise ManifestError(f"{where}: field 'views': a token grid of shape {shape} needs views.count {shape[0]} > 1")
     return manifest
 
 
@@ -148,11 +151,17 @@ def token_problem(tokens: np.ndarray, dtype: str, shape: list[int], k: int) -> s
 
 @dataclass(frozen=True)
 class TokenSpec:
-    """What every stored token grid of a dataset is: numpy ``dtype`` name, ``shape`` [h, w], ids in [0, ``k``)."""
+    """What every stored token grid of a dataset is: numpy ``dtype`` name, ``shape`` [h, w] (one view) or
+    [V, h, w] (V views), ids in [0, ``k``)."""
 
     dtype: str
     shape: tuple[int, ...]
     k: int
+
+    @property
+    def views(self) -> int:
+        """V, the views stored per sample."""
+        return self.shape[0] if len(self.shape) == 3 else 1
 
     @classmethod
     def of(cls, manifest: dict) -> TokenSpec:
@@ -169,14 +178,16 @@ class CheckedSample:
     image_ext: str  # one of IMAGE_EXTS
     image: bytes  # the encoded image, as stored
     meta: dict  # the parsed .json member (key, source, label, view)
-    tokens: np.ndarray  # the token grid, TokenSpec.dtype [h, w]
+    tokens: np.ndarray  # the token grids, TokenSpec.dtype [h, w] or [V, h, w]
+    geometry: list[dict]  # each view's geometry, view 0 first
 
 
 def check_sample(sample: dict, spec: TokenSpec, where: str) -> CheckedSample:
     """Check one stored sample ``{"__key__": key, ext: bytes}`` against the contract; return its parts.
 
     A sample holds exactly one image member with an extension of ``IMAGE_EXTS``, a ``.json`` object whose
-    ``key`` is the sample's key, and a ``.tokens.npy`` grid of ``spec``'s dtype and shape with ids in [0, K);
+    ``key`` is the sample's key and whose ``view`` is the view's geometry (a list of V, view 0 a center view,
+    when ``spec`` has V > 1 views), and a ``.tokens.npy`` grid of ``spec``'s dtype and shape with ids in [0, K);
     other members are ignored, never decoded. Raises :class:`ShardError` ``"<where>: <reason>"`` at the first
     problem.
     """
@@ -191,8 +202,24 @@ def check_sample(sample: dict, spec: TokenSpec, where: str) -> CheckedSample:
         raise ShardError(f"{where}: the .json member is not a JSON object")
     if meta.get("key") != sample["__key__"]:
         raise ShardError(f"{where}: .json key {meta.get('key')!r} does not match the member name")
+    geometry = _sample_geometry(meta.get("view"), spec.views, where)
     tokens = _sample_tokens(sample, spec, where)
-    return CheckedSample(sample["__key__"], images[0], sample[images[0]], meta, tokens)
+    return CheckedSample(sample["__key__"], images[0], sample[images[0]], meta, tokens, geometry)
+
+
+def _sample_geometry(view: object, views: int, where: str) -> list[dict]:
+    """The ``views`` geometries of a sample's ``.json`` ``view`` field, each checked; :class:`ShardError`
+    otherwise."""
+    geometry = [view] if views == 1 else view
+    if not (isinstance(geometry, list) and len(geometry) == views):
+        raise ShardError(f"{where}: .json view is not a list of {views} view geometries")
+    for v, g in enumerate(geometry):
+        problem = geometry_problem(g)
+        if problem is None and (v == 0) != ("source_box" not in g):
+            problem = "view 0 must be the center view, the others random crops"
+        if problem is not None:
+            raise ShardError(f"{where}: view {v}: {problem}")
+    return geometry
 
 
 def _sample_tokens(sample: dict, spec: TokenSpec, where: str) -> np.ndarray:

@@ -41,7 +41,7 @@ from kmim.datasets.manifest import (
     shard_name,
     write_manifest,
 )
-from kmim.datasets.preprocess import Preprocess
+from kmim.datasets.preprocess import Preprocess, ViewSpec
 from kmim.files import TMP_GLOB
 from kmim.pipeline.checks import check_extractor
 from kmim.pipeline.compute import Compute, resolve_compute
@@ -87,15 +87,27 @@ def extractor_spec(cfg: JobConfig) -> ExtractorSpec:
     :func:`kmim.pipeline.compute.resolve_compute` resolved them, ``auto`` before)."""
     if cfg.extractor == "pixel":
         return PixelSpec(cfg.patch_size, cfg.normalize, cfg.norm_pix)
+    size = _extract_size(cfg)  # the same grid over the views rendered at this size
     return LearnedSpec(cfg.extractor, cfg.model, json.dumps(cfg.model_kwargs or {}, sort_keys=True), cfg.weights,
                        cfg.layer, cfg.normalize, cfg.resample or "input", cfg.dtype or "auto", cfg.device or "auto",
-                       cfg.image_size, cfg.patch_size)
+                       size, size // cfg.grid)
+
+
+def _extract_size(cfg: JobConfig) -> int:
+    """Pixels per side of the views the extractor sees: ``tokenizer_image_size`` (learned extractors only), else
+    the training view's ``image_size``."""
+    return cfg.tokenizer_image_size or cfg.image_size
+
+
+def _view_spec(cfg: JobConfig) -> ViewSpec:
+    """The views of each image the job tokenizes."""
+    return ViewSpec(cfg.views, cfg.view_scale, cfg.view_ratio, cfg.view_flip, cfg.seed)
 
 
 def _decode_spec(cfg: JobConfig) -> DecodeSpec:
     """How both stages read an input shard and decode its images to views."""
     preprocess = Preprocess(cfg.image_size, cfg.min_image_size, cfg.max_image_pixels)
-    return DecodeSpec(source_spec(cfg), preprocess, cfg.decode_threads)
+    return DecodeSpec(source_spec(cfg), preprocess, cfg.decode_threads, _view_spec(cfg), _extract_size(cfg))
 
 
 def _fit_spec(cfg: JobConfig) -> FitSpec:
@@ -110,7 +122,7 @@ def _fit_sample(cfg: JobConfig, shards: list[InputShard]) -> FitSample:
     per_shard = max(64, math.ceil(cfg.fit_images / len(shards)))
     n_fit = min(len(shards), math.ceil(cfg.fit_images / per_shard))
     chosen = sorted({int(round(i)) for i in np.linspace(0, len(shards) - 1, n_fit)})
-    patches_per_image = max(1, min(cfg.grid**2, math.ceil(cfg.fit_patches / cfg.fit_images)))
+    patches_per_image = max(1, min(cfg.views * cfg.grid**2, math.ceil(cfg.fit_patches / cfg.fit_images)))
     sampler = FitSampleStage(_decode_spec(cfg), extractor_spec(cfg), cfg.batch_size, cfg.seed, per_shard,
                              patches_per_image)
     cache = str(Path(cfg.feature_cache).resolve()) if cfg.feature_cache else None
@@ -128,7 +140,8 @@ def _check_job_file(fs: AbstractFileSystem, root: str, cfg: JobConfig, shards: l
     """Record the job's material settings (:func:`kmim.config.material_settings`); refuse to resume a directory
     written with other settings."""
     # URLs are stored redacted (no passwords, no presigned signatures): rotating a credential is not a new job.
-    settings = {**material_settings(cfg), "input": cfg.input and redact(cfg.input)}
+    # As stored: through JSON, so that tuples compare equal to the lists read back.
+    settings = json.loads(json.dumps({**material_settings(cfg), "input": cfg.input and redact(cfg.input)}))
     job = {"settings": settings, "inputs": json_digest([redact_text(repr(s)) for s in shards])}
     out = redact(cfg.out)
     try:
@@ -231,7 +244,7 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: in
             "fit_sample_digest": fit.digest,
             "fit_feature_dtype": "float16" if sample.cache is not None else "float32",
             "inertia": inertia, "inertia_per_point": float(f"{inertia / fit.points:.10g}"),
-            "utilization": result.utilization}
+            "utilization": result.utilization, **_view_metadata(cfg)}
     # Wall time stays out of the metadata: it would change the tokenizer_id from run to run.
     log.info("k-means fit: %d points x %d dims -> K=%d in %.1fs", fit.points, fit.dim, cfg.k,
              time.perf_counter() - t0)
@@ -239,6 +252,24 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: in
     save_codebook(path, book)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return book
+
+
+def _view_metadata(cfg: JobConfig) -> dict:
+    """What the codebook and manifest record of the views beyond a single center view at image_size: the view
+    distribution when V > 1, the extractor's render size when it differs (nothing otherwise)."""
+    meta = {"views": _view_spec(cfg).describe()} if cfg.views > 1 else {}
+    if _extract_size(cfg) != cfg.image_size:
+        meta["tokenizer_image_size"] = _extract_size(cfg)
+    return meta
+
+
+def _dataset_fields(cfg: JobConfig, book: Codebook, stage: TokenizeStage, labels: list[str] | None) -> dict:
+    """The manifest's dataset-level fields: tokenizer, codebook, token grid ([h, w], or [V, h, w] with V views),
+    preprocessing, labels and :func:`_view_metadata`."""
+    shape = [cfg.grid, cfg.grid] if cfg.views == 1 else [cfg.views, cfg.grid, cfg.grid]
+    return {"tokenizer_id": book.tokenizer_id, "codebook": {"path": CODEBOOK, "k": book.k, "metadata": book.metadata},
+            "token_grid": {"shape": shape, "dtype": token_dtype(book.k).name, "patch_size": cfg.patch_size},
+            "preprocess": stage.decode.preprocess.describe(), "labels": labels, **_view_metadata(cfg)}
 
 
 def _committed(root: str, fs: AbstractFileSystem) -> dict | None:
@@ -287,11 +318,7 @@ def _run(compute: Compute, shards: list[InputShard], labels: list[str] | None, f
     if failures:
         raise JobError(f"{len(failures)} of {len(shards)} shards failed; no manifest written "
                        "(rerun to retry them):\n  " + "\n  ".join(failures))
-    dataset = {"tokenizer_id": book.tokenizer_id, "codebook": {"path": CODEBOOK, "k": book.k,
-                                                                "metadata": book.metadata},
-               "token_grid": {"shape": [cfg.grid, cfg.grid], "dtype": token_dtype(book.k).name,
-                              "patch_size": cfg.patch_size},
-               "preprocess": stage.decode.preprocess.describe(), "labels": labels}
+    dataset = _dataset_fields(cfg, book, stage, labels)
     manifest = build_manifest(root, [shard_name(s.index) for s in shards], dataset=dataset, fs=fs)
     if MANIFEST not in present or _committed(root, fs) != manifest:
         write_manifest(root, manifest, fs)

@@ -1,8 +1,8 @@
 """The two stages, each a frozen callable over one input shard built with only the settings it uses: sample fit
 features (:class:`FitSampleStage`), and tokenize (:class:`TokenizeStage`).
 
-Both run unchanged in-process or as Ray tasks. Decoding goes through
-:func:`kmim.datasets.preprocess.decode_view`, the same function the training loader uses.
+Both run unchanged in-process or as Ray tasks. Each image is decoded once and its views rendered with
+:func:`kmim.datasets.preprocess.decode_views`, whose renderer the training loader uses too.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fsspec import AbstractFileSystem
 
 from kmim.datasets.codebook import Codebook, load_codebook
 from kmim.datasets.manifest import CODEBOOK, TokenCounts, index_name, shard_name, write_index
-from kmim.datasets.preprocess import Preprocess, SkipImage, View, decode_view
+from kmim.datasets.preprocess import Preprocess, SkipImage, Views, ViewSpec, decode_views
 from kmim.datasets.shards import ShardWriter, encode_npy
 from kmim.pipeline.sources import InputShard, RawSample, SourceSpec, read_shard
 from kmim.storage import get_file, is_local, join, open_url, put_verified, staging_dir
@@ -47,12 +47,15 @@ def sample_key(source: str) -> str:
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    """How a stage turns an input shard into views: read as ``source`` says, decoded to ``preprocess``'s view on
-    ``threads`` threads (None: the CPUs this process may use, which Ray sets per worker)."""
+    """How a stage turns an input shard into views: read as ``source`` says, each image decoded once on ``threads``
+    threads (None: the CPUs this process may use, which Ray sets per worker) into the ``views`` of ``preprocess``'s
+    size, which the extractor sees rendered at ``extract_size`` px."""
 
     source: SourceSpec
     preprocess: Preprocess
     threads: int | None
+    views: ViewSpec
+    extract_size: int
 
 
 @dataclass(frozen=True)
@@ -70,36 +73,36 @@ def token_dtype(k: int) -> np.dtype:
     return np.dtype(np.uint16) if k <= 65536 else np.dtype(np.int32)
 
 
-def _decode_one(raw: RawSample, pre: Preprocess) -> tuple[RawSample, View | None, str | None]:
-    """(raw, view, None), or (raw, None, skip reason) with a warning naming the input and why it is skipped."""
+def _decode_one(raw: RawSample, decode: DecodeSpec) -> tuple[RawSample, Views | None, str | None]:
+    """(raw, views, None), or (raw, None, skip reason) with a warning naming the input and why it is skipped."""
     if raw.skip is not None:
         reason, detail = raw.skip, raw.detail
     else:
         try:
-            return raw, decode_view(raw.data or b"", pre), None
+            return raw, decode_views(raw.data or b"", decode.preprocess, decode.views, sample_key(raw.source),
+                                     decode.extract_size), None
         except SkipImage as e:
             reason, detail = e.reason, e.detail
     log.warning("skipped %s: %s%s", raw.source, reason, f" ({detail})" if detail else "")
     return raw, None, reason
 
 
-def _decoded(shard: InputShard, decode: DecodeSpec) -> Iterator[tuple[RawSample, View | None, str | None]]:
-    """(raw sample, view or None, skip reason or None) for every input of the shard, in order.
+def _decoded(shard: InputShard, decode: DecodeSpec) -> Iterator[tuple[RawSample, Views | None, str | None]]:
+    """(raw sample, views or None, skip reason or None) for every input of the shard, in order.
 
     Decodes on ``decode.threads`` threads (default: the CPUs this process may use, which Ray sets
     per worker), so a GPU worker's batch is decoded by all the cores it holds, in the same process that
     extracts and assigns it. At most 4 images per thread are decoded ahead of the consumer.
     """
-    pre = decode.preprocess
     threads = decode.threads or torch.get_num_threads()
     if threads == 1:
-        yield from (_decode_one(raw, pre) for raw in read_shard(shard, decode.source))
+        yield from (_decode_one(raw, decode) for raw in read_shard(shard, decode.source))
         return
     ahead: deque[Future] = deque()
     with ThreadPoolExecutor(threads, thread_name_prefix="kmim-decode") as pool:
         try:
             for raw in read_shard(shard, decode.source):
-                ahead.append(pool.submit(_decode_one, raw, pre))
+                ahead.append(pool.submit(_decode_one, raw, decode))
                 if len(ahead) >= 4 * threads:
                     yield ahead.popleft().result()
             while ahead:
@@ -109,12 +112,12 @@ def _decoded(shard: InputShard, decode: DecodeSpec) -> Iterator[tuple[RawSample,
                 f.cancel()
 
 
-def _batch_tensor(views: list[View]) -> torch.Tensor:
-    """uint8 [B, 3, S, S] from views' [S, S, 3] pixels."""
-    return torch.from_numpy(np.stack([v.pixels for v in views])).permute(0, 3, 1, 2)
+def _batch_tensor(views: list[Views]) -> torch.Tensor:
+    """uint8 [B * V, 3, N, N] from each image's V views rendered for the extractor, [V, N, N, 3] each."""
+    return torch.from_numpy(np.concatenate([v.extract for v in views])).permute(0, 3, 1, 2)
 
 
-def on_halves(fn: Callable[[list[View]], torch.Tensor], views: list[View]) -> torch.Tensor:
+def on_halves(fn: Callable[[list[Views]], torch.Tensor], views: list[Views]) -> torch.Tensor:
     """``fn(views)``; a batch that runs the device out of memory is split in halves (recursively, down to one
     image) and the halves' results concatenated along dim 0, instead of failing the shard on every retry."""
     try:
@@ -134,8 +137,8 @@ class FitSampleStage:
     """Stage: the k-means fit features of one input shard, float32 [n, D].
 
     From each of the shard's first ``images`` decodable images, ``patches`` patches are drawn without
-    replacement by a generator seeded with (``seed``, sample key), so the fit sample does not depend on the
-    runner or on ``batch_size`` (images per extraction batch).
+    replacement from the patches of all its views by a generator seeded with (``seed``, sample key), so the fit
+    sample does not depend on the runner or on ``batch_size`` (images per extraction batch).
     """
 
     decode: DecodeSpec
@@ -158,7 +161,7 @@ class FitSampleStage:
         for start in range(0, len(views), size):
             with torch.inference_mode():
                 feats = on_halves(lambda batch: extractor(_batch_tensor(batch)).cpu(), views[start:start + size])
-            feats = feats.reshape(feats.shape[0], -1, feats.shape[-1]).float().numpy()
+            feats = feats.reshape(len(views[start:start + size]), -1, feats.shape[-1]).float().numpy()
             for f, key in zip(feats, keys[start:start + size], strict=True):
                 rng = np.random.default_rng([self.seed, int(key, 16)])
                 out.append(f[rng.choice(f.shape[0], size=min(self.patches, f.shape[0]), replace=False)])
@@ -195,25 +198,25 @@ class _Assigner:
         self.centroids = {book.centroids.device: book.centroids}  # copied once to each device used
         self.dtype = token_dtype(book.k)
 
-    def _tokens(self, views: list[View]) -> torch.Tensor:
-        """int64 [B, h, w] on the CPU."""
+    def _tokens(self, views: list[Views]) -> torch.Tensor:
+        """int64 [B, V, h, w] on the CPU."""
         t0 = time.perf_counter()
         with torch.inference_mode():
             feats = self.extractor(_batch_tensor(views))
         if feats.is_cuda:
             torch.cuda.synchronize(feats.device)  # so the phases' times are the GPU's
         t1 = time.perf_counter()
-        b, h, w, d = feats.shape
+        _, h, w, d = feats.shape
         if feats.device not in self.centroids:
             self.centroids[feats.device] = self.book.centroids.to(feats.device)
         tokens, _ = nearest(feats.reshape(-1, d), self.centroids[feats.device], metric=self.extractor.metric,
                             method=self.method)
         self.timing["extract"] += t1 - t0
         self.timing["assign"] += time.perf_counter() - t1
-        return tokens.reshape(b, h, w).cpu()
+        return tokens.reshape(len(views), -1, h, w).cpu()
 
-    def __call__(self, views: list[View]) -> np.ndarray:
-        """Token grids [B, h, w] in the dataset's token dtype; a batch out of device memory runs in halves."""
+    def __call__(self, views: list[Views]) -> np.ndarray:
+        """Token grids [B, V, h, w] in the dataset's token dtype; a batch out of device memory runs in halves."""
         return on_halves(self._tokens, views).numpy().astype(self.dtype)
 
 
@@ -225,8 +228,8 @@ class _ShardRecord:
         self.skipped: dict[str, int] = {}
         self.counts = TokenCounts(k)
 
-    def add_input(self, raw: RawSample, view: View | None, reason: str | None) -> None:
-        size = view.geometry["source_size"] if view is not None else [None, None]
+    def add_input(self, raw: RawSample, views: Views | None, reason: str | None) -> None:
+        size = views.source_size if views is not None else [None, None]
         self.rows.append({"key": sample_key(raw.source), "source": raw.source, "label": raw.label,
                           "status": reason or "ok", "width": size[0], "height": size[1]})
         if reason is not None:
@@ -237,14 +240,17 @@ class _ShardRecord:
                 "skipped": self.skipped, "tokenizer_id": tokenizer_id, "token_counts": self.counts.columns()}
 
 
-def _write_samples(writer: ShardWriter, batch: list[tuple[RawSample, View]], grids: np.ndarray,
+def _write_samples(writer: ShardWriter, batch: list[tuple[RawSample, Views]], grids: np.ndarray,
                    counts: TokenCounts) -> None:
-    """Each sample as its stored image, ``.tokens.npy`` and ``.json`` (key, source, label, view geometry)."""
-    for (raw, view), grid in zip(batch, grids, strict=True):
+    """Each sample as its stored image, ``.tokens.npy`` and ``.json`` (key, source, label, view geometry): with one
+    view the grid [h, w] and its geometry; with V > 1 the grids [V, h, w] and the list of V geometries."""
+    for (raw, views), grid in zip(batch, grids, strict=True):
         key = sample_key(raw.source)
         counts.add_grid(grid, raw.label)
-        meta = {"key": key, "source": raw.source, "label": raw.label, "view": view.geometry}
-        writer.write({"__key__": key, view.ext: view.data, "tokens.npy": encode_npy(grid),
+        one = len(views.geometry) == 1
+        meta = {"key": key, "source": raw.source, "label": raw.label,
+                "view": views.geometry[0] if one else views.geometry}
+        writer.write({"__key__": key, views.ext: views.data, "tokens.npy": encode_npy(grid[0] if one else grid),
                       "json": json.dumps(meta, sort_keys=True).encode()})
 
 
@@ -266,10 +272,10 @@ class TokenizeStage:
     """Stage: tokenize one input shard into ``shard-XXXXX.tar`` (+ its index) in ``output``, atomically.
 
     ``codebook`` is the codebook's path or fsspec URL, read with the output's storage options. Views are
-    extracted and assigned (nearest-centroid search ``assign``) ``batch_size`` images at a time. A remote shard
-    is written to the local staging directory, then its index and its tar are uploaded, in that order, each
-    checked before it counts. Returns the shard stats (also stored in the index) plus ``timing``: seconds per
-    phase.
+    extracted and assigned (nearest-centroid search ``assign``) ``batch_size`` images (all their views) at a
+    time. A remote shard is written to the local staging directory, then its index and its tar are uploaded, in
+    that order, each checked before it counts. Returns the shard stats (also stored in the index) plus
+    ``timing``: seconds per phase.
     """
 
     decode: DecodeSpec

@@ -70,7 +70,6 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the initialization, the sample order and the masks")
     workers: int = Field(0, ge=0, json_schema_extra=NOT_MATERIAL, description="DataLoader worker processes per rank")
     shuffle_window: int = Field(4096, ge=1, description="samples shuffled together (see the loader)")
-    hflip: bool = Field(False, description="mirror image and token grid with probability 0.5")
     verify: bool = Field(True, json_schema_extra=NOT_MATERIAL, description="check each shard's sha256 on read")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda)$", json_schema_extra=NOT_MATERIAL,
                         description="auto | cpu | cuda; auto = CUDA if available")

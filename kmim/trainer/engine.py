@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kmim import __version__
 from kmim.config import material_settings
-from kmim.datasets.loader import Augment, TokenDataset, TokenLoader, open_manifest
+from kmim.datasets.loader import TokenDataset, TokenLoader, open_manifest
 from kmim.files import atomic_write
 from kmim.trainer.checkpoint import (
     latest_checkpoint,
@@ -254,7 +254,7 @@ def make_loader(cfg: TrainConfig, d: Dist, info: dict) -> TokenLoader:
     """This rank's resumable loader of ``batch_size``-image micro-batches."""
     dataset = TokenDataset(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_window=cfg.shuffle_window,
                            rank=d.rank, world_size=d.world, expect_tokenizer_id=info["tokenizer_id"],
-                           augment=Augment(hflip=cfg.hflip), verify=cfg.verify)
+                           verify=cfg.verify)
     return TokenLoader(dataset, num_workers=cfg.workers, pin_memory=d.device.type == "cuda")
 
 

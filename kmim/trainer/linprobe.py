@@ -1,7 +1,7 @@
 """Frozen-encoder evaluation of a training run: linear probe (MAE protocol) and k-NN top-1.
 
 Features are ``encoder_features`` (mean-pooled patch tokens of the unmasked image, [N, D] float32), extracted
-once with the training loader (no augmentation, manifest order). Samples without a label are left out.
+once with the training loader (no augmentation, the center view, manifest order). Samples without a label are left out.
 The split is a pure function of the sample key: ``sha256(f"{split_seed}:{key}")`` read as a number in
 [0, 1) below ``train_fraction`` puts the sample in the train split, else in the held-out split.
 
@@ -76,7 +76,8 @@ def load_encoder(run_dir: str | os.PathLike, device: torch.device) -> tuple[MIMO
 def extract_features(model: MIMObjective, data: str | os.PathLike, device: torch.device, batch_size: int = 256,
                      workers: int = 0) -> Features:
     """Every sample of the dataset once, in manifest order."""
-    ds = TokenDataset(data, batch_size=batch_size, shuffle=False, drop_last=False, rank=0, world_size=1)
+    ds = TokenDataset(data, batch_size=batch_size, shuffle=False, drop_last=False, rank=0, world_size=1,
+                      random_views=False)
     n = int(ds.offsets[-1])
     feats, labels, keys = [], [], []
     for batch in TokenLoader(ds, num_workers=workers):
