@@ -20,6 +20,7 @@ import torch
 from common import cifar_patches, emit, machine
 
 from kmim.pipeline.fit import fit_kmeans_ray
+from kmim.pipeline.runners import init_ray_on_loopback
 from kmim.tokenizers.kmeans import fit_kmeans
 
 
@@ -40,8 +41,7 @@ def main() -> None:
     local = fit_kmeans(x, args.k, epochs=args.epochs, batch_size=args.batch_size, seed=0)
     results = {"in-process": (time.perf_counter() - t, local)}
 
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False)
+    init_ray_on_loopback(logging_level=logging.WARNING, log_to_driver=False)
     refs = [ray.put(part.numpy()) for part in torch.tensor_split(x, args.chunks)]
     for workers in args.workers:
         t = time.perf_counter()

@@ -23,6 +23,7 @@ from common import CIFAR, emit, machine
 from kmim.config import load_config
 from kmim.datasets.manifest import MANIFEST
 from kmim.pipeline.job import run_job
+from kmim.pipeline.runners import init_ray_on_loopback
 
 WORKERS = {"local": 1, "ray1": 1, "ray2": 2}
 
@@ -42,8 +43,7 @@ def measure(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
     ray_start = 0.0
     if name != "local":
         t = time.perf_counter()
-        ray.init(num_cpus=WORKERS[name], _node_ip_address="127.0.0.1", include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False)
+        init_ray_on_loopback(num_cpus=WORKERS[name], logging_level=logging.WARNING, log_to_driver=False)
         ray_start = time.perf_counter() - t
     try:
         job_s, summary = timed_job(cfg)
