@@ -297,3 +297,15 @@ def test_a_killed_runs_lease_is_taken_over_at_once_on_its_host(bucket: str, imag
     assert run(url, images, staging=str(tmp_path / "stage"))["shards_written"] == 4
     assert f"taking over the lease of pid {dead.pid}" in caplog.text and "is gone from this host" in caplog.text
     assert lease_of(url) is None and verify_dataset(url) == []
+
+
+def test_a_run_that_lost_its_lease_does_not_commit(bucket: str) -> None:
+    """A holder paused past its TTL loses the lease to another run; its confirm() before the commit refuses."""
+    url = f"{bucket}/ds"
+    with hold_output(*open_url(url)) as confirm:
+        confirm()  # still ours
+        taken = {**lease_of(url), "token": uuid.uuid4().hex, "pid": 1, "host": "elsewhere"}
+        s3fs.S3FileSystem().pipe_file(f"{url}/{LEASE_FILE}".removeprefix("s3://"), json.dumps(taken).encode())
+        with pytest.raises(LockError, match="lost its lease"):
+            confirm()
+    assert lease_of(url)["token"] == taken["token"]  # the new holder's lease is left alone

@@ -23,6 +23,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -290,13 +291,14 @@ def run_job(cfg: JobConfig) -> dict:
     fs, root = open_url(cfg.out, cfg.storage_options)
     work = Path(root) if is_local(fs) else staging_dir(cfg.out, cfg.staging)
     work.mkdir(parents=True, exist_ok=True)
-    with hold_output(fs, root):
-        return _run(compute, shards, labels, fs, root, work, t_start)
+    with hold_output(fs, root) as confirm:
+        return _run(compute, shards, labels, fs, root, work, t_start, confirm)
 
 
 def _run(compute: Compute, shards: list[InputShard], labels: list[str] | None, fs: AbstractFileSystem, root: str,
-         work: Path, t_start: float) -> dict:
-    """:func:`run_job` once it holds the output, with its resolved settings."""
+         work: Path, t_start: float, confirm: Callable[[], None]) -> dict:
+    """:func:`run_job` once it holds the output, with its resolved settings; ``confirm`` raises unless it still
+    holds it, just before the commit."""
     cfg = compute.cfg
     _check_job_file(fs, root, cfg, shards)
     present = _outputs(fs, root, work)
@@ -321,6 +323,7 @@ def _run(compute: Compute, shards: list[InputShard], labels: list[str] | None, f
     dataset = _dataset_fields(cfg, book, stage, labels)
     manifest = build_manifest(root, [shard_name(s.index) for s in shards], dataset=dataset, fs=fs)
     if MANIFEST not in present or _committed(root, fs) != manifest:
+        confirm()
         write_manifest(root, manifest, fs)
     return {"out": redact(cfg.out), "samples": manifest["samples"], "inputs": manifest["inputs"],
             "skipped": manifest["skipped"], "shards": len(shards), "shards_written": len(todo),

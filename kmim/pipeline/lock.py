@@ -33,7 +33,8 @@ protect:
 * clock skew: a lease's age is the reader's clock minus the holder's ``renewed`` time; a reader whose clock runs
   ahead of the holder's by more than ``ttl_s`` takes over a live lease;
 * a holder paused for longer than ``ttl_s`` (suspended VM, SIGSTOP, network partition) loses its lease to the
-  next run but is not stopped: it logs an error and stops renewing, its in-flight writes go on;
+  next run but is not stopped: it logs an error and stops renewing, its in-flight writes (shards, which the new
+  holder rewrites or checks) go on; only its commit is refused (``confirm`` reads the lease before the manifest);
 * pid reuse: a dead holder's pid taken by another process on the same host keeps its lease alive until ``ttl_s``;
 * the release reads the lease back and deletes it if it is still its own, without a condition on the delete.
 """
@@ -51,7 +52,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,13 +75,19 @@ class LockError(RuntimeError):
 
 
 @contextmanager
-def hold_output(fs: AbstractFileSystem, root: str) -> Iterator[None]:
+def hold_output(fs: AbstractFileSystem, root: str) -> Iterator[Callable[[], None]]:
     """Hold the output at ``root`` on ``fs`` exclusively for the duration of the block (see the module docstring).
 
-    Raises :class:`LockError` at once, naming the holder, when another live run holds it.
+    Raises :class:`LockError` at once, naming the holder, when another live run holds it. Yields ``confirm``:
+    call it right before committing; it raises :class:`LockError` when this run no longer holds the output (its
+    lease was taken over while it was paused), so a run that lost its lease never writes the manifest.
     """
-    with _flock(Path(root)) if is_local(fs) else _lease(fs, root):
-        yield
+    if is_local(fs):
+        with _flock(Path(root)):
+            yield lambda: None  # the kernel holds a flock until this process ends
+    else:
+        with _lease(fs, root) as confirm:
+            yield confirm
 
 
 def _command() -> str:
@@ -278,7 +285,7 @@ def _ttl_s() -> float:
 
 
 @contextmanager
-def _lease(fs: AbstractFileSystem, root: str) -> Iterator[None]:
+def _lease(fs: AbstractFileSystem, root: str) -> Iterator[Callable[[], None]]:
     path = join(root, LEASE_FILE)
     me = {**_holder(), "ttl_s": _ttl_s(), "token": uuid.uuid4().hex}
     if not is_object_store(fs):
@@ -287,8 +294,15 @@ def _lease(fs: AbstractFileSystem, root: str) -> Iterator[None]:
     stop = threading.Event()
     renewer = threading.Thread(target=_renew, args=(fs, path, me, stop), name="kmim-lease", daemon=True)
     renewer.start()
+
+    def confirm() -> None:
+        lease, _ = _read_lease(fs, path)
+        if lease is None or lease.get("token") != me["token"]:
+            raise LockError(f"{url_of(fs, path)}: this run lost its lease (now {_who(lease) if lease else 'deleted'}); "
+                            "not committing: rerun once the other run has ended")
+
     try:
-        yield
+        yield confirm
     finally:
         stop.set()
         renewer.join()
