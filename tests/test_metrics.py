@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -20,7 +18,9 @@ def test_label_tokenizer_scores_zero() -> None:
 
 def test_single_token_codebook_scores_the_maximum() -> None:
     counts = np.array([[10, 10, 10, 10]])  # one token, four equally frequent classes
-    assert tcas(counts) == pytest.approx((1 - 1 / math.sqrt(4)) ** 2)  # 0.25
+    assert tcas(counts) == pytest.approx((1 - 1 / 4) ** 2)  # the paper's reference value (1 - 1/C)^2
+    hundred = np.full((1, 100), 7)  # with 100 classes the C_ii form reaches 0.98 (the paper reports dVAE at 0.86)
+    assert tcas(hundred) == pytest.approx(0.99**2) and tcas(hundred) > 0.86
     partial = np.array([[10, 10, 0, 0], [0, 0, 10, 10]])  # halves the classes: better aligned
     assert tcas(partial) < tcas(counts)
     assert tcas(np.array([[20, 0, 0, 0], [0, 20, 0, 0], [0, 0, 20, 0], [0, 0, 0, 20]])) < tcas(partial)
@@ -29,7 +29,7 @@ def test_single_token_codebook_scores_the_maximum() -> None:
 def test_tcas_small_example_by_hand() -> None:
     counts = np.array([[3, 1], [0, 4]])  # R1 = (.75, .25), R2 = (0, 1)
     r1 = np.array([0.75, 0.25])
-    first = ((1 - np.linalg.norm(r1)) ** 2 + 0.0) / 2
+    first = ((1 - r1 @ r1) ** 2 + 0.0) / 2  # C_11 = |R1|^2 = 0.625; C_22 = 1
     second = 2 * (r1 @ np.array([0.0, 1.0])) ** 2 / 4
     assert tcas(counts) == pytest.approx(first + second)
     # unused tokens do not count toward K
