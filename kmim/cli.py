@@ -1,4 +1,4 @@
-"""The ``kmim`` command line: run | verify | eval tokenizer."""
+"""The ``kmim`` command line: run | fit | verify | publish | eval | train."""
 
 from __future__ import annotations
 
@@ -141,14 +141,17 @@ def _reported(*errors: type[BaseException]) -> Iterator[None]:
 def run(config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
         storage_option: list[str] | None = typer.Option(None, "--storage-option", help=_STORAGE_HELP),
         **settings: Any) -> None:
-    """Fit a codebook and tokenize a dataset into verified WebDataset shards (resumes if interrupted)."""
-    from kmim.pipeline.checks import check_extractor
+    """Fit a codebook (or take --codebook) and tokenize a dataset into verified WebDataset shards (resumes if
+    interrupted)."""
+    from kmim.pipeline.checks import check_extractor, with_codebook
     from kmim.pipeline.job import JobError, run_job
     from kmim.pipeline.lock import LockError
     from kmim.storage import UploadError
 
     with _invalid_config():
         cfg = load_config(config, {**settings, "storage_options": _storage_options(storage_option)})
+        if cfg.codebook is not None:  # the settings it fixes, as run_job takes them: conflicts are config errors
+            cfg = with_codebook(cfg)[0]
         check_extractor(cfg)  # run_job checks again, for callers without the CLI: here it is a config error
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     console.print(escape(redact_text(f"kmim run: input={cfg.input or 'built-in digits sample'} out={cfg.out} "
@@ -162,6 +165,27 @@ def run(config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
     summary["time_shares"] = ", ".join(f"{k} {v:.1f}s" for k, v in timing.items())
     console.print(_report_table(summary, "job summary"))
     console.print(_report_table(report, "tokenizer report"))
+
+
+@app.command()
+@_settings_options(JobConfig, skip=("storage_options", "codebook"))
+def fit(config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
+        storage_option: list[str] | None = typer.Option(None, "--storage-option", help=_STORAGE_HELP),
+        **settings: Any) -> None:
+    """Fit only a codebook into --out (codebook.safetensors + fit-report.json), to reuse with kmim run --codebook
+    (resumes if interrupted)."""
+    from kmim.pipeline.checks import check_extractor
+    from kmim.pipeline.job import JobError, fit_job
+    from kmim.pipeline.lock import LockError
+    from kmim.storage import UploadError
+
+    with _invalid_config():
+        cfg = load_config(config, {**settings, "storage_options": _storage_options(storage_option)})
+        check_extractor(cfg)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with _reported(ConfigError, JobError, LockError, UploadError, ValueError, OSError):
+        summary = fit_job(cfg)
+    console.print(_report_table(summary, "fit summary"))
 
 
 @app.command()

@@ -58,6 +58,11 @@ class JobConfig(BaseModel):
                                             "upload); default: ~/.cache/kmim/staging/<digest of the URL>")
     input: str | None = Field(None, description="ImageFolder dir, tar shard(s) or brace pattern, Parquet; "
                                                 "default: the built-in digits sample")
+    # Not material: the codebook itself is checked (its tokenizer_id against the one in the output), not its path.
+    codebook: str | None = Field(None, json_schema_extra=NOT_MATERIAL,
+                                 description="tokenize with this existing codebook (a codebook.safetensors path or "
+                                             "URL, or a directory / prefix holding one, e.g. from kmim fit) instead "
+                                             "of fitting one; the settings it fixes are taken from it")
     extractor: Literal["pixel", "dino", "clip"] = Field(
         "pixel", description="where patch features come from: the pixels, or a DINO (timm) / CLIP (open_clip) backbone")
     # The next seven settings are for the dino and clip extractors only; None = the extractor's default.
@@ -164,7 +169,8 @@ class JobConfig(BaseModel):
                      "tokenizer_image_size")
     @classmethod
     def _learned_only(cls, v, info: ValidationInfo):
-        if v is not None and info.data.get("extractor") == "pixel":
+        # With a codebook the extractor may come from it: checked once the codebook's settings are merged in.
+        if v is not None and info.data.get("extractor") == "pixel" and info.data.get("codebook") is None:
             raise ValueError(f"only used by the {' and '.join(LEARNED)} extractors")
         return v
 
@@ -172,7 +178,7 @@ class JobConfig(BaseModel):
     @classmethod
     def _check_model(cls, v: str | None, info: ValidationInfo) -> str | None:
         extractor = info.data.get("extractor")
-        if extractor in LEARNED and v is None:
+        if extractor in LEARNED and v is None and info.data.get("codebook") is None:
             raise ValueError(f"required for extractor '{extractor}' ({_EXAMPLES[extractor]})")
         return v
 
@@ -180,6 +186,8 @@ class JobConfig(BaseModel):
     @classmethod
     def _check_normalize(cls, v: str | None, info: ValidationInfo) -> str | None:
         extractor = info.data.get("extractor")
+        if info.data.get("codebook") is not None:
+            return v  # see _learned_only
         if extractor == "pixel":
             if v == "l2":
                 raise ValueError("pixel takes imagenet | none (l2 is for dino/clip features)")
@@ -191,7 +199,7 @@ class JobConfig(BaseModel):
     @field_validator("norm_pix")
     @classmethod
     def _check_norm_pix(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("extractor") in LEARNED:
+        if v and info.data.get("extractor") in LEARNED and info.data.get("codebook") is None:
             raise ValueError("only used by the pixel extractor")
         return v
 
@@ -200,6 +208,8 @@ class JobConfig(BaseModel):
         if self.runner == "ray" and (self.device or "").startswith("cuda:"):
             raise ValueError(f"field 'device': {self.device} names one GPU of this machine, but with runner 'ray' "
                              "each GPU actor uses the GPU Ray assigned it: use --device cuda")
+        if self.codebook is not None:
+            return self  # the geometry may come from the codebook: checked once its settings are merged in
         if self.image_size % self.patch_size:
             raise ValueError(f"field 'image_size' ({self.image_size}) must be a multiple of field 'patch_size' "
                              f"({self.patch_size})")

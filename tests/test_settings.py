@@ -21,7 +21,7 @@ cli = CliRunner()
 # What changes no output of a job (all else is checked when it resumes): fixed here so a change is deliberate.
 JOB_NOT_MATERIAL = {"out", "storage_options", "staging", "runner", "ray_address", "max_in_flight", "batch_size",
                     "assign", "feature_cache", "task_retries", "kmeans_workers", "decode_threads", "gpu_wait_s",
-                    "device"}
+                    "device", "codebook"}
 TRAIN_NOT_MATERIAL = {"data", "out", "max_steps", "workers", "verify", "device", "amp", "log_every",
                       "checkpoint_every", "resume", "sample_log"}
 

@@ -51,7 +51,7 @@ from kmim.datasets.manifest import MANIFEST, ManifestError, TokenSpec, check_man
 from kmim.datasets.preprocess import Preprocess, SkipImage, center_geometry, decode_source, render
 from kmim.datasets.shard_store import LoaderError, ShardStore, default_cache_dir
 from kmim.datasets.shards import ShardError, iter_tar
-from kmim.storage import join
+from kmim.storage import join, redact_text
 
 log = logging.getLogger("kmim")
 
@@ -103,6 +103,21 @@ def open_manifest(root: str | os.PathLike, *, expect_tokenizer_id: str | None = 
     if not (tiles and len(grid["shape"]) in (2, 3) and grid["shape"][-2:] == [pre.image_size // p] * 2):
         raise LoaderError(f"{url}: token grid {grid} does not tile the {pre.image_size}px view as [h, w] or [V, h, w]")
     return manifest
+
+
+def common_tokenizer_id(roots: Sequence[str | os.PathLike], storage_options: dict | None = None) -> str:
+    """The tokenizer_id the datasets at ``roots`` share (their tokens come from one codebook, so they can be
+    trained on together); each manifest is checked as :func:`open_manifest` does. Raises :class:`LoaderError`
+    naming the first dataset whose tokenizer_id differs from the first one's, or when ``roots`` is empty."""
+    if not roots:
+        raise LoaderError("no datasets given")
+    first = open_manifest(roots[0], storage_options=storage_options)["tokenizer_id"]
+    for root in roots[1:]:
+        found = open_manifest(root, storage_options=storage_options)["tokenizer_id"]
+        if found != first:
+            raise LoaderError(f"{redact_text(os.fspath(root))}: tokenizer_id {found!r} differs from {first!r} of "
+                              f"{redact_text(os.fspath(roots[0]))} (tokens from another codebook)")
+    return first
 
 
 def epoch_order(counts: Sequence[int], seed: int, epoch: int, *, shuffle: bool = True,

@@ -24,6 +24,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,8 @@ from kmim.datasets.manifest import (
     write_manifest,
 )
 from kmim.datasets.preprocess import Preprocess, ViewSpec
-from kmim.files import TMP_GLOB
-from kmim.pipeline.checks import check_extractor
+from kmim.files import TMP_GLOB, atomic_write_bytes
+from kmim.pipeline.checks import check_codebook_extractor, check_extractor, with_codebook
 from kmim.pipeline.compute import Compute, resolve_compute
 from kmim.pipeline.fit import FitError, FitSample, FitSpec, fit_sample_kmeans
 from kmim.pipeline.lock import hold_output
@@ -69,6 +70,7 @@ from kmim.tokenizers.learned import LearnedSpec
 from kmim.tokenizers.metrics import dataset_report
 
 log = logging.getLogger("kmim")
+FIT_REPORT = "fit-report.json"  # what kmim fit writes beside the codebook
 
 
 class JobError(RuntimeError):
@@ -204,33 +206,81 @@ def _check_codebook_settings(book: Codebook, cfg: JobConfig, where: str) -> None
                               f"{getattr(cfg, field)!r} here (remove it to refit, or use another --out)")
 
 
-def _codebook(cfg: JobConfig, shards: list[InputShard], fs: AbstractFileSystem, root: str, work: Path,
-              present: set[str], gpus: int) -> tuple[Codebook, bool]:
-    """(codebook, whether it was fitted now): the output's if it has one, else fitted in ``work`` and uploaded."""
-    path = work / CODEBOOK
+@dataclass(frozen=True)
+class _Setup:
+    """A job checked, planned and its compute resolved, with its output opened: everything before it holds the
+    output. ``given``: the existing codebook (``--codebook``) it tokenizes with and that file's bytes, or None."""
+
+    compute: Compute
+    shards: list[InputShard]
+    labels: list[str] | None
+    fs: AbstractFileSystem
+    root: str
+    work: Path
+    given: tuple[Codebook, bytes] | None
+
+
+def _driver_extractor(cfg: JobConfig) -> dict:
+    """The metadata of the extractor of the resolved settings ``cfg``, built on the driver: on a Ray driver (often
+    without a GPU) on the CPU, with the resolved dtype, so it records what the workers' features really are."""
+    return build_extractor(extractor_spec(cfg if cfg.runner == "local"
+                                          else cfg.model_copy(update={"device": "cpu"}))).metadata()
+
+
+def _setup(cfg: JobConfig) -> _Setup:
+    """Check, plan and resolve a job (the full one or a fit-only one) and open its output, before any work; with
+    ``cfg.codebook``, the settings that codebook fixes come from it (:func:`with_codebook`)."""
+    given = None
+    if cfg.codebook is not None:
+        cfg, data, book = with_codebook(cfg)
+        given = (book, data)
+    check_extractor(cfg)
+    shards, labels = plan_inputs(source_spec(cfg))
+    compute = resolve_compute(cfg)
+    if given is not None:
+        check_codebook_extractor(given[0].metadata, _driver_extractor(compute.cfg), redact(cfg.codebook))
+    fs, root = open_url(cfg.out, cfg.storage_options)
+    work = Path(root) if is_local(fs) else staging_dir(cfg.out, cfg.staging)
+    work.mkdir(parents=True, exist_ok=True)
+    return _Setup(compute, shards, labels, fs, root, work, given)
+
+
+def _codebook(setup: _Setup, present: set[str]) -> tuple[Codebook, list[dict] | None]:
+    """(codebook, the k-means history when it was fitted now, else None): the output's if it has one, else the
+    given one copied in, else fitted in the working directory; uploaded when the output is remote."""
+    cfg, fs, root, path = setup.compute.cfg, setup.fs, setup.root, setup.work / CODEBOOK
+    where = url_of(fs, join(root, CODEBOOK))
     if CODEBOOK in present:
         if not is_local(fs):
             get_file(fs, join(root, CODEBOOK), path)
-        book = load_codebook(path, url_of(fs, join(root, CODEBOOK)))
-        _check_codebook_settings(book, cfg, url_of(fs, join(root, CODEBOOK)))
-        return book, False
-    book = _fit_codebook(cfg, shards, path, gpus)
+        book = load_codebook(path, where)
+        if setup.given is None:
+            _check_codebook_settings(book, cfg, where)
+        elif book.tokenizer_id != setup.given[0].tokenizer_id:
+            raise ConfigError(f"field 'codebook': {where} holds another codebook (tokenizer_id {book.tokenizer_id}, "
+                              f"not {setup.given[0].tokenizer_id}); use another --out")
+        return book, None
+    if setup.given is not None:
+        book, history = setup.given[0], None
+        atomic_write_bytes(path, setup.given[1])  # the file as given: the dataset stays self-contained
+    else:
+        history = []
+        book = _fit_codebook(cfg, setup.shards, path, setup.compute.gpus, history)
     if not is_local(fs):
         put_verified(path, fs, join(root, CODEBOOK))
-    return book, True
+    return book, history
 
 
-def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: int) -> Codebook:
-    """Fit the codebook of the job's resolved settings ``cfg`` on ``shards`` and save it at ``path``."""
-    # Metadata and metric only; on a Ray driver (often without a GPU) the model is built on the CPU, with the
-    # resolved dtype, so the codebook records what the workers' features really are.
-    extractor = build_extractor(extractor_spec(cfg if cfg.runner == "local"
-                                               else cfg.model_copy(update={"device": "cpu"})))
+def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: int,
+                  history: list[dict] | None = None) -> Codebook:
+    """Fit the codebook of the job's resolved settings ``cfg`` on ``shards`` and save it at ``path``; ``history``,
+    when given, receives the k-means history (per epoch: inertia per point, utilization)."""
+    extractor = _driver_extractor(cfg)  # metadata and metric only
     sample = _fit_sample(cfg, shards)
     checkpoint = path.parent / "kmeans-checkpoint"  # epochs done survive a crash; removed with the codebook
     t0 = time.perf_counter()
     try:
-        fit = fit_sample_kmeans(_fit_spec(cfg), sample, metric=extractor.metric, checkpoint=checkpoint, gpus=gpus,
+        fit = fit_sample_kmeans(_fit_spec(cfg), sample, metric=extractor["metric"], checkpoint=checkpoint, gpus=gpus,
                                 log=lambda s: log.info("k-means epoch %(epoch)d: inertia/point %(inertia).4f, "
                                                        "utilization %(utilization).3f", s))
     except FitError as e:
@@ -239,7 +289,7 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: in
     # The same for both runners (one algorithm, one fit sample), so equal centroids give an equal tokenizer_id;
     # the inertia is rounded because its float64 sum depends on how the points were split over actors.
     inertia = float(f"{result.inertia:.10g}")
-    meta = {**extractor.metadata(), "image_size": cfg.image_size, "k": cfg.k,
+    meta = {**extractor, "image_size": cfg.image_size, "k": cfg.k,
             "kmeans": {"algorithm": "minibatch", "init": "k-means++", "epochs": cfg.kmeans_epochs,
                        "batch_size": cfg.kmeans_batch_size, "seed": cfg.seed, "fit_points": fit.points},
             "fit_sample_digest": fit.digest,
@@ -252,6 +302,8 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: in
     book = Codebook(result.centroids, meta)
     save_codebook(path, book)
     shutil.rmtree(checkpoint, ignore_errors=True)
+    if history is not None:
+        history.extend(result.history)
     return book
 
 
@@ -285,24 +337,45 @@ def run_job(cfg: JobConfig) -> dict:
     """Run (or resume) a job; returns a summary with the tokenizer report. Raises JobError on failures, LockError
     when another run holds the output."""
     t_start = time.perf_counter()
-    check_extractor(cfg)
-    shards, labels = plan_inputs(source_spec(cfg))
-    compute = resolve_compute(cfg)
-    fs, root = open_url(cfg.out, cfg.storage_options)
-    work = Path(root) if is_local(fs) else staging_dir(cfg.out, cfg.staging)
-    work.mkdir(parents=True, exist_ok=True)
-    with hold_output(fs, root) as confirm:
-        return _run(compute, shards, labels, fs, root, work, t_start, confirm)
+    setup = _setup(cfg)
+    with hold_output(setup.fs, setup.root) as confirm:
+        return _run(setup, t_start, confirm)
 
 
-def _run(compute: Compute, shards: list[InputShard], labels: list[str] | None, fs: AbstractFileSystem, root: str,
-         work: Path, t_start: float, confirm: Callable[[], None]) -> dict:
-    """:func:`run_job` once it holds the output, with its resolved settings; ``confirm`` raises unless it still
-    holds it, just before the commit."""
-    cfg = compute.cfg
-    _check_job_file(fs, root, cfg, shards)
-    present = _outputs(fs, root, work)
-    book, fitted = _codebook(cfg, shards, fs, root, work, present, compute.gpus)
+def _prepare_output(setup: _Setup) -> tuple[set[str], Codebook, list[dict] | None]:
+    """What a job (full or fit-only) does first once it holds the output: check or record ``job.json``, clear
+    leftovers, and get the codebook (:func:`_codebook`). Returns the output's files and the codebook's pair."""
+    _check_job_file(setup.fs, setup.root, setup.compute.cfg, setup.shards)
+    present = _outputs(setup.fs, setup.root, setup.work)
+    return (present, *_codebook(setup, present))
+
+
+def fit_job(cfg: JobConfig) -> dict:
+    """Fit (or resume fitting) only the codebook of ``cfg`` into ``cfg.out``, with the job's fit code path, and
+    write the fit report (:data:`FIT_REPORT`: the inertia curve per epoch); a rerun after it finished does no
+    work. Returns a summary. Raises JobError when the fit fails, LockError when another run holds the output."""
+    if cfg.codebook is not None:
+        raise ConfigError("field 'codebook': kmim fit fits a codebook; use --codebook with kmim run")
+    t_start = time.perf_counter()
+    setup = _setup(cfg)
+    with hold_output(setup.fs, setup.root) as confirm:
+        _, book, history = _prepare_output(setup)
+        if history is not None:
+            meta = book.metadata
+            report = {"tokenizer_id": book.tokenizer_id, "k": book.k, "inertia": meta["inertia"],
+                      "inertia_per_point": meta["inertia_per_point"], "utilization": meta["utilization"],
+                      "history": history}
+            confirm()
+            put_bytes(setup.fs, join(setup.root, FIT_REPORT), json.dumps(report, indent=2).encode())
+    return {"out": redact(cfg.out), "codebook": redact(join(cfg.out, CODEBOOK)), "tokenizer_id": book.tokenizer_id,
+            "k": book.k, "codebook_fitted": history is not None, "seconds": time.perf_counter() - t_start}
+
+
+def _run(setup: _Setup, t_start: float, confirm: Callable[[], None]) -> dict:
+    """:func:`run_job` once it holds the output; ``confirm`` raises unless it still holds it, just before the
+    commit."""
+    cfg, fs, root, work, shards = setup.compute.cfg, setup.fs, setup.root, setup.work, setup.shards
+    present, book, history = _prepare_output(setup)
     book_ref, out_ref = (str(work / CODEBOOK), str(work)) if is_local(fs) else (join(cfg.out, CODEBOOK), cfg.out)
     finished = [shard_name(s.index) for s in shards if shard_name(s.index) in present]
     foreign = _foreign(fs, root, finished, book.tokenizer_id)
@@ -310,7 +383,7 @@ def _run(compute: Compute, shards: list[InputShard], labels: list[str] | None, f
     stage = tokenize_stage(cfg, book_ref, out_ref)
     failures, timing = [], {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
     for shard, stats, error in map_shards(stage, todo, runner=cfg.runner, desc="tokenize", address=cfg.ray_address,
-                                          max_in_flight=cfg.max_in_flight, gpus=compute.gpus,
+                                          max_in_flight=cfg.max_in_flight, gpus=setup.compute.gpus,
                                           retries=cfg.task_retries):
         if error is not None:
             failures.append(f"{shard.describe()}: {error}")  # error says what, why, after how many attempts
@@ -320,12 +393,13 @@ def _run(compute: Compute, shards: list[InputShard], labels: list[str] | None, f
     if failures:
         raise JobError(f"{len(failures)} of {len(shards)} shards failed; no manifest written "
                        "(rerun to retry them):\n  " + "\n  ".join(failures))
-    dataset = _dataset_fields(cfg, book, stage, labels)
+    dataset = _dataset_fields(cfg, book, stage, setup.labels)
     manifest = build_manifest(root, [shard_name(s.index) for s in shards], dataset=dataset, fs=fs)
     if MANIFEST not in present or _committed(root, fs) != manifest:
         confirm()
         write_manifest(root, manifest, fs)
     return {"out": redact(cfg.out), "samples": manifest["samples"], "inputs": manifest["inputs"],
             "skipped": manifest["skipped"], "shards": len(shards), "shards_written": len(todo),
-            "codebook_fitted": fitted, "tokenizer_id": book.tokenizer_id, "seconds": time.perf_counter() - t_start,
+            "codebook_fitted": history is not None, "tokenizer_id": book.tokenizer_id,
+            "seconds": time.perf_counter() - t_start,
             "timing": timing, "report": dataset_report(root, fs)}
