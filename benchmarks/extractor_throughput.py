@@ -40,7 +40,7 @@ from common import CIFAR, emit, machine
 
 from kmim.config import load_config
 from kmim.datasets.preprocess import Preprocess, decode_view
-from kmim.pipeline.job import extractor_spec
+from kmim.pipeline.specs import extractor_spec
 from kmim.tokenizers.assign import nearest
 from kmim.tokenizers.extractors import build_extractor
 

@@ -42,7 +42,7 @@ from PIL import Image
 
 from kmim.config import load_config
 from kmim.datasets.preprocess import Preprocess, decode_view
-from kmim.pipeline.job import extractor_spec
+from kmim.pipeline.specs import extractor_spec
 from kmim.tokenizers import dino, kmeanspp
 from kmim.tokenizers.assign import _faiss, nearest
 from kmim.tokenizers.extractors import PixelExtractor, build_extractor

@@ -40,7 +40,8 @@ from kmim.config import load_config
 from kmim.datasets.codebook import load_codebook
 from kmim.datasets.loader import IMAGENET_MEAN, IMAGENET_STD, TokenDataset, TokenLoader
 from kmim.datasets.preprocess import IMAGE_EXTS, Preprocess, decode_view
-from kmim.pipeline.job import extractor_spec, run_job
+from kmim.pipeline.job import run_job
+from kmim.pipeline.specs import extractor_spec
 from kmim.tokenizers.assign import nearest
 from kmim.tokenizers.extractors import Extractor, build_extractor
 

@@ -38,8 +38,9 @@ from kmim.datasets.preprocess import (
 )
 from kmim.datasets.shards import ShardError, ShardWriter, iter_tar
 from kmim.datasets.verify import verify_dataset
-from kmim.pipeline.job import run_job, source_spec
+from kmim.pipeline.job import run_job
 from kmim.pipeline.sources import InputError, plan_inputs, read_shard
+from kmim.pipeline.specs import source_spec
 
 PRE = Preprocess(image_size=32, min_image_size=8, max_image_pixels=200_000)
 RGB = np.random.default_rng(0).integers(0, 255, (40, 52, 3), dtype=np.uint8)

@@ -14,8 +14,9 @@ from kmim.config import load_config
 from kmim.datasets.codebook import Codebook
 from kmim.datasets.manifest import CODEBOOK
 from kmim.pipeline.fit import fit_kmeans_ray, subsample
-from kmim.pipeline.job import _fit_codebook, source_spec
+from kmim.pipeline.job import _fit_codebook
 from kmim.pipeline.sources import plan_inputs
+from kmim.pipeline.specs import source_spec
 from kmim.tokenizers.kmeans import CHECKPOINT, fit_kmeans
 
 K, EPOCHS, BATCH = 12, 4, 256

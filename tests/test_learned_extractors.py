@@ -20,7 +20,7 @@ from kmim.cli import app
 from kmim.config import ConfigError, load_config
 from kmim.datasets.codebook import load_codebook
 from kmim.pipeline.checks import check_extractor
-from kmim.pipeline.job import extractor_spec
+from kmim.pipeline.specs import extractor_spec
 from kmim.tokenizers import clip, dino, weights
 from kmim.tokenizers.extractors import build_extractor
 from kmim.tokenizers.weights import file_sha256

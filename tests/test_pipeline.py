@@ -271,8 +271,8 @@ def test_feature_cache_reuses_fp16_features(image_folder: Path, tmp_path: Path) 
 
 
 def test_codebook_from_other_extractor_settings_is_refused(image_folder: Path, tmp_path: Path) -> None:
-    from kmim.pipeline.job import source_spec, tokenize_stage
     from kmim.pipeline.sources import plan_inputs
+    from kmim.pipeline.specs import source_spec, tokenize_stage
 
     run(tmp_path / "a", input=str(image_folder))
     cfg = load_config(None, job_overrides(out=str(tmp_path / "b"), input=str(image_folder), norm_pix=True))

@@ -22,7 +22,8 @@ from kmim.datasets.manifest import CODEBOOK, read_manifest
 from kmim.datasets.preprocess import Preprocess, ViewSpec, decode_source, random_geometry, render
 from kmim.datasets.shards import ShardWriter, iter_tar
 from kmim.datasets.verify import verify_dataset
-from kmim.pipeline.job import extractor_spec, run_job
+from kmim.pipeline.job import run_job
+from kmim.pipeline.specs import extractor_spec
 from kmim.tokenizers.assign import nearest
 from kmim.tokenizers.extractors import PixelExtractor, build_extractor
 

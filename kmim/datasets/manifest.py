@@ -335,15 +335,18 @@ def index_stats(out: str | Path, shards: list[str],
     return found
 
 
-def build_manifest(out: str | Path, shards: list[str], *, dataset: dict, fs: AbstractFileSystem | None = None) -> dict:
+def build_manifest(out: str | Path, shards: list[str], *, dataset: dict, fs: AbstractFileSystem | None = None,
+                   known: dict[str, dict] | None = None) -> dict:
     """Assemble the manifest from finished shards' index stats plus dataset-level fields.
 
     ``dataset`` carries ``tokenizer_id``, ``codebook``, ``token_grid``, ``preprocess``, ``labels``,
     ``source``. Shard paths are relative to ``out``; nothing in the manifest depends on where or when
     the job ran, so an interrupted-and-resumed job commits the same manifest as an uninterrupted one.
+    ``known`` holds stats the caller already has (read or just written this run); only the others are read.
     """
     fs = fs or LocalFileSystem()
-    found = index_stats(out, shards, fs)
+    known = known or {}
+    found = {**index_stats(out, [s for s in shards if s not in known], fs), **known}
     entries, skipped, samples, inputs = [], Counter(), 0, 0
     for name in shards:
         stats = found[name]

@@ -20,14 +20,12 @@ import contextlib
 import fnmatch
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from fsspec import AbstractFileSystem
 
 from kmim.config import ConfigError, JobConfig, material_settings
@@ -36,6 +34,7 @@ from kmim.datasets.manifest import (
     CODEBOOK,
     JOB_FILE,
     MANIFEST,
+    TokenCounts,
     build_manifest,
     index_name,
     index_stats,
@@ -43,15 +42,23 @@ from kmim.datasets.manifest import (
     shard_name,
     write_manifest,
 )
-from kmim.datasets.preprocess import Preprocess, ViewSpec
 from kmim.files import TMP_GLOB, atomic_write_bytes
 from kmim.pipeline.checks import check_codebook_extractor, check_extractor, with_codebook
 from kmim.pipeline.compute import Compute, resolve_compute
-from kmim.pipeline.fit import FitError, FitSample, FitSpec, fit_sample_kmeans
+from kmim.pipeline.fit import FitError, fit_sample_kmeans
 from kmim.pipeline.lock import hold_output
 from kmim.pipeline.runners import map_shards
-from kmim.pipeline.sources import InputShard, SourceSpec, plan_inputs
-from kmim.pipeline.stages import DecodeSpec, FitSampleStage, OutputSpec, TokenizeStage, json_digest, token_dtype
+from kmim.pipeline.sources import InputShard, plan_inputs
+from kmim.pipeline.specs import (
+    extract_size,
+    extractor_spec,
+    fit_sample,
+    fit_spec,
+    source_spec,
+    tokenize_stage,
+    view_spec,
+)
+from kmim.pipeline.stages import TokenizeStage, json_digest, token_dtype
 from kmim.storage import (
     get_file,
     is_local,
@@ -65,9 +72,8 @@ from kmim.storage import (
     staging_dir,
     url_of,
 )
-from kmim.tokenizers.extractors import ExtractorSpec, PixelSpec, build_extractor
-from kmim.tokenizers.learned import LearnedSpec
-from kmim.tokenizers.metrics import dataset_report
+from kmim.tokenizers.extractors import build_extractor
+from kmim.tokenizers.metrics import counts_report
 
 log = logging.getLogger("kmim")
 FIT_REPORT = "fit-report.json"  # what kmim fit writes beside the codebook
@@ -75,68 +81,6 @@ FIT_REPORT = "fit-report.json"  # what kmim fit writes beside the codebook
 
 class JobError(RuntimeError):
     """The job ran but did not commit a dataset (some shards failed)."""
-
-
-# ---- the settings each stage takes, from the job's: no stage sees the job's settings ---------------------
-
-
-def source_spec(cfg: JobConfig) -> SourceSpec:
-    """How the job's input is planned into shards and read."""
-    return SourceSpec(cfg.input, cfg.shard_size, cfg.image_column, cfg.label_column, cfg.max_image_bytes)
-
-
-def extractor_spec(cfg: JobConfig) -> ExtractorSpec:
-    """The extractor the job's settings ask for; a learned one's device and dtype as ``cfg`` says (concrete once
-    :func:`kmim.pipeline.compute.resolve_compute` resolved them, ``auto`` before)."""
-    if cfg.extractor == "pixel":
-        return PixelSpec(cfg.patch_size, cfg.normalize, cfg.norm_pix)
-    size = _extract_size(cfg)  # the same grid over the views rendered at this size
-    return LearnedSpec(cfg.extractor, cfg.model, json.dumps(cfg.model_kwargs or {}, sort_keys=True), cfg.weights,
-                       cfg.layer, cfg.normalize, cfg.resample or "input", cfg.dtype or "auto", cfg.device or "auto",
-                       size, size // cfg.grid)
-
-
-def _extract_size(cfg: JobConfig) -> int:
-    """Pixels per side of the views the extractor sees: ``tokenizer_image_size`` (learned extractors only), else
-    the training view's ``image_size``."""
-    return cfg.tokenizer_image_size or cfg.image_size
-
-
-def _view_spec(cfg: JobConfig) -> ViewSpec:
-    """The views of each image the job tokenizes."""
-    return ViewSpec(cfg.views, cfg.view_scale, cfg.view_ratio, cfg.view_flip, cfg.seed)
-
-
-def _decode_spec(cfg: JobConfig) -> DecodeSpec:
-    """How both stages read an input shard and decode its images to views."""
-    preprocess = Preprocess(cfg.image_size, cfg.min_image_size, cfg.max_image_pixels)
-    return DecodeSpec(source_spec(cfg), preprocess, cfg.decode_threads, _view_spec(cfg), _extract_size(cfg))
-
-
-def _fit_spec(cfg: JobConfig) -> FitSpec:
-    """The k-means fit of the job's resolved settings ``cfg``."""
-    return FitSpec(cfg.k, cfg.kmeans_epochs, cfg.kmeans_batch_size, cfg.seed, cfg.assign, cfg.runner, cfg.device,
-                   cfg.kmeans_workers, cfg.ray_address)
-
-
-def _fit_sample(cfg: JobConfig, shards: list[InputShard]) -> FitSample:
-    """The fit sample of the job's resolved settings ``cfg``: ``fit_images`` images' features from shards spread
-    evenly over the input (at least 64 images from each shard sampled), at most ``fit_patches`` points."""
-    per_shard = max(64, math.ceil(cfg.fit_images / len(shards)))
-    n_fit = min(len(shards), math.ceil(cfg.fit_images / per_shard))
-    chosen = sorted({int(round(i)) for i in np.linspace(0, len(shards) - 1, n_fit)})
-    patches_per_image = max(1, min(cfg.views * cfg.grid**2, math.ceil(cfg.fit_patches / cfg.fit_images)))
-    sampler = FitSampleStage(_decode_spec(cfg), extractor_spec(cfg), cfg.batch_size, cfg.seed, per_shard,
-                             patches_per_image)
-    cache = str(Path(cfg.feature_cache).resolve()) if cfg.feature_cache else None
-    return FitSample(tuple(shards[i] for i in chosen), sampler, cfg.fit_patches, cfg.seed, cache)
-
-
-def tokenize_stage(cfg: JobConfig, codebook: str, out: str) -> TokenizeStage:
-    """The tokenize stage of the job's resolved settings ``cfg``, reading the codebook at ``codebook`` and
-    writing shards to ``out`` (paths or URLs on the output's filesystem)."""
-    return TokenizeStage(_decode_spec(cfg), extractor_spec(cfg), cfg.batch_size, cfg.assign, codebook,
-                         OutputSpec(out, cfg.storage_options, cfg.staging))
 
 
 def _check_job_file(fs: AbstractFileSystem, root: str, cfg: JobConfig, shards: list[InputShard]) -> None:
@@ -173,10 +117,10 @@ def _outputs(fs: AbstractFileSystem, root: str, work: Path) -> set[str]:
     return {n for n in names if not fnmatch.fnmatch(n, TMP_GLOB)}
 
 
-def _foreign(fs: AbstractFileSystem, root: str, names: list[str], tokenizer_id: str) -> set[str]:
-    """Those of the finished shards ``names`` not made with the codebook ``tokenizer_id`` (their index missing,
-    unreadable, or recording another tokenizer_id), each logged with why and deleted, so that they are redone."""
-    foreign = set()
+def _finished(fs: AbstractFileSystem, root: str, names: list[str], tokenizer_id: str) -> dict[str, dict]:
+    """The index stats of those of the present shards ``names`` made with the codebook ``tokenizer_id``; the others
+    (index missing, unreadable, or recording another tokenizer_id) are logged with why and deleted, to be redone."""
+    finished = {}
     for name, stats in index_stats(root, names, fs).items():
         if isinstance(stats, FileNotFoundError):
             why = "its index is missing"
@@ -185,13 +129,13 @@ def _foreign(fs: AbstractFileSystem, root: str, names: list[str], tokenizer_id: 
         elif stats.get("tokenizer_id") != tokenizer_id:
             why = f"its tokenizer_id is {stats.get('tokenizer_id')!r}, not the codebook's {tokenizer_id!r}"
         else:
+            finished[name] = stats
             continue
         log.warning("%s: %s; redoing it", url_of(fs, join(root, name)), why)
         for file in (name, index_name(name)):  # the tar first: a shard without its tar is unfinished
             with contextlib.suppress(FileNotFoundError):
                 fs.rm_file(join(root, file))
-        foreign.add(name)
-    return foreign
+    return finished
 
 
 def _check_codebook_settings(book: Codebook, cfg: JobConfig, where: str) -> None:
@@ -276,11 +220,11 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: in
     """Fit the codebook of the job's resolved settings ``cfg`` on ``shards`` and save it at ``path``; ``history``,
     when given, receives the k-means history (per epoch: inertia per point, utilization)."""
     extractor = _driver_extractor(cfg)  # metadata and metric only
-    sample = _fit_sample(cfg, shards)
+    sample = fit_sample(cfg, shards)
     checkpoint = path.parent / "kmeans-checkpoint"  # epochs done survive a crash; removed with the codebook
     t0 = time.perf_counter()
     try:
-        fit = fit_sample_kmeans(_fit_spec(cfg), sample, metric=extractor["metric"], checkpoint=checkpoint, gpus=gpus,
+        fit = fit_sample_kmeans(fit_spec(cfg), sample, metric=extractor["metric"], checkpoint=checkpoint, gpus=gpus,
                                 log=lambda s: log.info("k-means epoch %(epoch)d: inertia/point %(inertia).4f, "
                                                        "utilization %(utilization).3f", s))
     except FitError as e:
@@ -310,9 +254,9 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: in
 def _view_metadata(cfg: JobConfig) -> dict:
     """What the codebook and manifest record of the views beyond a single center view at image_size: the view
     distribution when V > 1, the extractor's render size when it differs (nothing otherwise)."""
-    meta = {"views": _view_spec(cfg).describe()} if cfg.views > 1 else {}
-    if _extract_size(cfg) != cfg.image_size:
-        meta["tokenizer_image_size"] = _extract_size(cfg)
+    meta = {"views": view_spec(cfg).describe()} if cfg.views > 1 else {}
+    if extract_size(cfg) != cfg.image_size:
+        meta["tokenizer_image_size"] = extract_size(cfg)
     return meta
 
 
@@ -323,6 +267,14 @@ def _dataset_fields(cfg: JobConfig, book: Codebook, stage: TokenizeStage, labels
     return {"tokenizer_id": book.tokenizer_id, "codebook": {"path": CODEBOOK, "k": book.k, "metadata": book.metadata},
             "token_grid": {"shape": shape, "dtype": token_dtype(book.k).name, "patch_size": cfg.patch_size},
             "preprocess": stage.decode.preprocess.describe(), "labels": labels, **_view_metadata(cfg)}
+
+
+def _report(k: int, names: list[str], stats_of: dict[str, dict], samples: int) -> dict:
+    """The tokenizer report of the committed dataset, from its shards' stats in hand."""
+    counted = TokenCounts(k)
+    for name in names:
+        counted.add_columns(stats_of[name]["token_counts"], name)
+    return counts_report(counted, samples)
 
 
 def _committed(root: str, fs: AbstractFileSystem) -> dict | None:
@@ -377,9 +329,9 @@ def _run(setup: _Setup, t_start: float, confirm: Callable[[], None]) -> dict:
     cfg, fs, root, work, shards = setup.compute.cfg, setup.fs, setup.root, setup.work, setup.shards
     present, book, history = _prepare_output(setup)
     book_ref, out_ref = (str(work / CODEBOOK), str(work)) if is_local(fs) else (join(cfg.out, CODEBOOK), cfg.out)
-    finished = [shard_name(s.index) for s in shards if shard_name(s.index) in present]
-    foreign = _foreign(fs, root, finished, book.tokenizer_id)
-    todo = [s for s in shards if shard_name(s.index) not in present or shard_name(s.index) in foreign]
+    names = [shard_name(s.index) for s in shards]
+    stats_of = _finished(fs, root, [n for n in names if n in present], book.tokenizer_id)
+    todo = [s for s, name in zip(shards, names, strict=True) if name not in stats_of]
     stage = tokenize_stage(cfg, book_ref, out_ref)
     failures, timing = [], {"decode": 0.0, "extract": 0.0, "assign": 0.0, "write": 0.0}
     for shard, stats, error in map_shards(stage, todo, runner=cfg.runner, desc="tokenize", address=cfg.ray_address,
@@ -388,13 +340,14 @@ def _run(setup: _Setup, t_start: float, confirm: Callable[[], None]) -> dict:
         if error is not None:
             failures.append(f"{shard.describe()}: {error}")  # error says what, why, after how many attempts
         else:
+            stats_of[stats["shard"]] = stats  # what its index records, so the commit reads no index again
             for phase, seconds in stats["timing"].items():
                 timing[phase] = timing.get(phase, 0.0) + seconds  # a remote output adds "upload"
     if failures:
         raise JobError(f"{len(failures)} of {len(shards)} shards failed; no manifest written "
                        "(rerun to retry them):\n  " + "\n  ".join(failures))
     dataset = _dataset_fields(cfg, book, stage, setup.labels)
-    manifest = build_manifest(root, [shard_name(s.index) for s in shards], dataset=dataset, fs=fs)
+    manifest = build_manifest(root, names, dataset=dataset, fs=fs, known=stats_of)
     if MANIFEST not in present or _committed(root, fs) != manifest:
         confirm()
         write_manifest(root, manifest, fs)
@@ -402,4 +355,4 @@ def _run(setup: _Setup, t_start: float, confirm: Callable[[], None]) -> dict:
             "skipped": manifest["skipped"], "shards": len(shards), "shards_written": len(todo),
             "codebook_fitted": history is not None, "tokenizer_id": book.tokenizer_id,
             "seconds": time.perf_counter() - t_start,
-            "timing": timing, "report": dataset_report(root, fs)}
+            "timing": timing, "report": _report(book.k, names, stats_of, manifest["samples"])}

@@ -66,10 +66,16 @@ def dataset_report(root: str | Path, fs: AbstractFileSystem | None = None) -> di
     for entry in manifest["shards"]:
         path = join(str(root), entry["index"])
         counted.add_columns(read_index_stats(path, fs)["token_counts"], path)
+    return counts_report(counted, manifest["samples"])
+
+
+def counts_report(counted: TokenCounts, samples: int) -> dict:
+    """The tokenizer report of token-by-label counts (label -1 anywhere: unlabeled, no TCAS) over ``samples``."""
+    k = counted.k
     by_label = counted.by_label
     labels = sorted(by_label)
     labeled = bool(labels) and -1 not in labels
     counts = np.stack([by_label[lab] for lab in labels], axis=1) if labels else np.zeros((k, 1), np.int64)
     if not labeled:
         counts = counts.sum(1, keepdims=True)
-    return token_report(counts, k, manifest["samples"], labeled)
+    return token_report(counts, k, samples, labeled)
