@@ -20,7 +20,7 @@ from rich.table import Table
 
 from kmim.config import ConfigError, JobConfig, load_config
 from kmim.storage import redact_text
-from kmim.trainer.config import TrainConfig
+from kmim.trainer.config import FinetuneConfig, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a tokenizer or a trained model.")
@@ -262,7 +262,11 @@ def train_command(config: Path | None = typer.Option(None, "--config", help=_CON
 @eval_app.command("linprobe")
 def eval_linprobe(
     checkpoint: Path = typer.Option(..., help="run directory (its latest checkpoint is evaluated)"),
-    data: str = typer.Option(..., help="labelled dataset with the run's image size"),
+    data: str | None = typer.Option(None, help="one labelled dataset, split by key hash"),
+    train_data: str | None = typer.Option(None, help="labelled dataset the head is trained on (with --val-data)"),
+    val_data: str | None = typer.Option(None, help="held-out labelled dataset top-1 is measured on"),
+    pool: str = typer.Option("auto", help="auto | cls | mean: the CLS token's output (models trained with "
+                                          "--cls-token; auto picks it) or mean-pooled patch tokens"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     train_fraction: float = typer.Option(0.8, help="share of samples (by key hash) in the probe's train split"),
     split_seed: int = typer.Option(0, help="salt of the key hash"),
@@ -274,17 +278,49 @@ def eval_linprobe(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(0, help="DataLoader workers"),
 ) -> None:
-    """Frozen-encoder linear probe and weighted k-NN top-1 on a held-out split by key hash."""
+    """Frozen-encoder linear probe and weighted k-NN top-1: trained on --train-data, measured on --val-data, or
+    on a held-out split of --data by key hash."""
     from kmim.trainer.engine import TrainError
     from kmim.trainer.linprobe import ProbeConfig, linear_probe
 
+    split = data is not None and train_data is None and val_data is None
+    if not split and (data is not None or train_data is None or val_data is None):
+        _say("error", "give either --data DIR, or both --train-data DIR and --val-data DIR")
+        raise typer.Exit(2)
     with _reported(TrainError, ValueError, OSError):
         cfg = ProbeConfig(train_fraction, split_seed, epochs, batch_size, lr, knn_k, knn_temperature)
-        report = linear_probe(checkpoint, data, cfg, device=device, workers=workers)
+        report = linear_probe(checkpoint, data or train_data, cfg, val_data=val_data, pool=pool, device=device,
+                              workers=workers)
     if as_json:
         print(json.dumps(report))
     else:
         Console().print(_report_table(report, f"linear probe: {checkpoint}"))
+
+
+@eval_app.command("finetune")
+@_settings_options(FinetuneConfig)
+def eval_finetune(config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
+                  as_json: bool = typer.Option(False, "--json", help="print one JSON object (rank 0)"),
+                  **settings: Any) -> None:
+    """Fine-tune a pre-trained run end to end (MAE / BEiT recipe) and report top-1 on held-out data (single
+    process, or DDP under `torchrun --no-python kmim eval finetune`)."""
+    import os
+
+    from kmim.trainer.config import load_finetune_config
+    from kmim.trainer.engine import TrainError
+    from kmim.trainer.finetune import finetune
+
+    with _invalid_config():
+        cfg = load_finetune_config(config, settings)
+    main = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main and not as_json else logging.WARNING, format="%(message)s")
+    with _reported(TrainError, ValueError, OSError):
+        summary = finetune(cfg)
+    if main:
+        if as_json:
+            print(json.dumps(summary))
+        else:
+            console.print(_report_table(summary, "fine-tuning summary"))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ Views: a dataset tokenized with V > 1 views stores V token grids per sample. In 
 (seed, epoch, sample id) picks one view by a pure function (:func:`pick_view`), so a resumed run and every DDP rank
 see the same views; :meth:`TokenDataset.sample` and ``random_views=False`` (evaluation) use view 0, the center view.
 
+Fresh crops (``crops=ViewSpec(...)``, supervised fine-tuning): every sample of every epoch is rendered from its
+stored image as a new random resized crop + flip drawn from ``np.random.default_rng([seed, epoch, slot, 2])``
+(``slot`` = the sample's position in the epoch's global sequence), so it resumes exactly too. Such a view has no
+token grid: batches then carry no ``tokens`` and ``view`` is -1.
+
 Memory per worker is about ``shuffle_window / samples_per_shard + 2`` shards' bytes: a window mixes
 that many shards, and every worker of a rank reads each shard its batches touch.
 """
@@ -48,7 +53,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kmim.datasets.augment import Augment
 from kmim.datasets.manifest import MANIFEST, ManifestError, TokenSpec, check_manifest, check_sample
-from kmim.datasets.preprocess import Preprocess, SkipImage, center_geometry, decode_source, render
+from kmim.datasets.preprocess import (
+    Preprocess,
+    SkipImage,
+    ViewSpec,
+    center_geometry,
+    crop_geometry,
+    decode_source,
+    render,
+)
 from kmim.datasets.shard_store import LoaderError, ShardStore, default_cache_dir
 from kmim.datasets.shards import ShardError, iter_tar
 from kmim.storage import join, redact_text
@@ -154,7 +167,8 @@ class TokenDataset(IterableDataset):
     Each batch is a dict: ``image`` float32 [B, 3, S, S] (normalized with ``mean`` / ``std`` over [0, 1]
     pixels), ``tokens`` int64 [B, h, w], ``label`` int64 [B] (-1 = none), ``key`` list[str] of B,
     ``index`` int64 [B] (global sample ids, see :func:`epoch_order`), ``view`` int64 [B] (the stored view shown,
-    see :func:`pick_view`; 0 with ``random_views=False``), ``flip`` bool [B] (whether that view is mirrored).
+    see :func:`pick_view`; 0 with ``random_views=False``; -1 for fresh ``crops``, which carry no ``tokens``),
+    ``flip`` bool [B] (whether that view is mirrored).
 
     ``rank`` / ``world_size`` default to torch.distributed's when initialized, else 0 / 1. Iteration yields
     this rank's batches of epoch :attr:`epoch` from sample position :attr:`start`, split across DataLoader
@@ -165,7 +179,8 @@ class TokenDataset(IterableDataset):
                  shuffle_window: int = 4096, drop_last: bool = True, rank: int | None = None,
                  world_size: int | None = None, expect_tokenizer_id: str | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 augment: Augment | None = None, random_views: bool = True, verify: bool = True,
+                 augment: Augment | None = None, random_views: bool = True, crops: ViewSpec | None = None,
+                 verify: bool = True,
                  cache_dir: str | os.PathLike | None = None,
                  cache_bytes: int = 16 << 30, storage_options: dict | None = None):
         if batch_size < 1 or shuffle_window < 1 or cache_bytes < 0:
@@ -180,7 +195,7 @@ class TokenDataset(IterableDataset):
                                       storage_options=storage_options)
         self.batch_size, self.seed, self.shuffle, self.shuffle_window = batch_size, seed, shuffle, shuffle_window
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.augment, self.random_views = augment or Augment(), random_views
+        self.augment, self.random_views, self.crops = augment or Augment(), random_views, crops
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.shards = [e["path"] for e in self.manifest["shards"]]
@@ -240,9 +255,10 @@ class TokenDataset(IterableDataset):
         return self._cache[shard][index - int(self.offsets[shard])], self.shards[shard]
 
     def _decode(self, index: int, view: int, rng: np.random.Generator | None,
-                ) -> tuple[np.ndarray, np.ndarray, int, str, dict]:
+                crop_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray | None, int, str, dict]:
         """(image float32 [3, S, S], tokens int64 [h, w], label, key, geometry) of stored view ``view`` of one
-        global sample id, colour-augmented with ``rng`` unless it is None."""
+        global sample id, colour-augmented with ``rng`` unless it is None; with ``crop_rng``, a fresh crop
+        (:attr:`crops`) drawn from it instead of the stored view, and tokens None."""
         sample, name = self._raw(index)
         where = f"{name}: sample {sample['__key__']}"
         try:
@@ -253,7 +269,9 @@ class TokenDataset(IterableDataset):
         except SkipImage as e:
             raise LoaderError(f"{where}: stored image does not decode ({e})") from None
         geometry, size = checked.geometry[view], self._pre.image_size
-        if geometry["source_size"] != list(source.image.size) or (
+        if crop_rng is not None:
+            geometry = crop_geometry(*source.image.size, self.crops, crop_rng)
+        elif geometry["source_size"] != list(source.image.size) or (
                 view == 0 and geometry != center_geometry(*source.image.size, size)):
             raise LoaderError(f"{where}: view {view} {geometry} is not a view of the stored "
                               f"{source.image.size[0]}x{source.image.size[1]} image at {size}px")
@@ -261,9 +279,10 @@ class TokenDataset(IterableDataset):
         if rng is not None:
             pixels = self.augment.apply(pixels, rng)
         image = ((pixels - self.mean) / self.std).transpose(2, 0, 1)
-        tokens = checked.tokens if checked.tokens.ndim == 2 else checked.tokens[view]
+        tokens = None if crop_rng is not None else (checked.tokens if checked.tokens.ndim == 2 else
+                                                    checked.tokens[view]).astype(np.int64)
         label = checked.meta.get("label")
-        return image, tokens.astype(np.int64), -1 if label is None else int(label), checked.key, geometry
+        return image, tokens, -1 if label is None else int(label), checked.key, geometry
 
     def sample(self, index: int, view: int = 0) -> dict:
         """One sample by global id, its stored view ``view`` (default: the center view, the evaluation view) without
@@ -290,22 +309,27 @@ class TokenDataset(IterableDataset):
             pairs = np.unique(window_of * len(self.shards) + shard_of)
             # A window mixes this many shards; one more spares re-reads where windows meet.
             self._cache_size = int(np.bincount(pairs // len(self.shards)).max()) + 1
-        views = self._spec.views if self.random_views else 1
         for j, b0 in enumerate(range(start, len(seq), self.batch_size)):
-            if j % workers != worker:
-                continue
-            ids = seq[b0:b0 + self.batch_size]
-            picked = [pick_view(self.seed, epoch, int(i), views) for i in ids]
-            out = []
-            for n, (i, v) in enumerate(zip(ids, picked, strict=True)):
-                slot = self.rank * self.samples_per_rank + b0 + n
-                rng = np.random.default_rng([self.seed, epoch, slot]) if self.augment.active else None
-                out.append(self._decode(int(i), v, rng))
-            yield {"image": torch.from_numpy(np.stack([o[0] for o in out])),
-                   "tokens": torch.from_numpy(np.stack([o[1] for o in out])),
-                   "label": torch.tensor([o[2] for o in out], dtype=torch.int64), "key": [o[3] for o in out],
-                   "index": torch.from_numpy(ids.copy()), "view": torch.tensor(picked, dtype=torch.int64),
-                   "flip": torch.tensor([o[4]["flip"] for o in out], dtype=torch.bool)}
+            if j % workers == worker:
+                yield self._batch(seq[b0:b0 + self.batch_size], epoch, self.rank * self.samples_per_rank + b0)
+
+    def _batch(self, ids: np.ndarray, epoch: int, first_slot: int) -> dict:
+        """The batch of global sample ids ``ids`` int64 [B] of ``epoch``, the first at global position
+        ``first_slot`` of the epoch's sequence (which seeds its augmentation)."""
+        views = self._spec.views if self.random_views and self.crops is None else 1
+        picked = [-1 if self.crops else pick_view(self.seed, epoch, int(i), views) for i in ids]
+        out = []
+        for slot, i, v in zip(range(first_slot, first_slot + len(ids)), ids, picked, strict=True):
+            rng = np.random.default_rng([self.seed, epoch, slot]) if self.augment.active else None
+            crop_rng = np.random.default_rng([self.seed, epoch, slot, 2]) if self.crops else None
+            out.append(self._decode(int(i), max(v, 0), rng, crop_rng))
+        batch = {"image": torch.from_numpy(np.stack([o[0] for o in out])),
+                 "label": torch.tensor([o[2] for o in out], dtype=torch.int64), "key": [o[3] for o in out],
+                 "index": torch.from_numpy(ids.copy()), "view": torch.tensor(picked, dtype=torch.int64),
+                 "flip": torch.tensor([o[4]["flip"] for o in out], dtype=torch.bool)}
+        if self.crops is None:
+            batch["tokens"] = torch.from_numpy(np.stack([o[1] for o in out]))
+        return batch
 
     def stream(self, epoch: int, start: int = 0, worker: int = 0, workers: int = 1) -> Iterator[dict]:
         """This rank's batches from ``epoch`` / sample ``start`` on, epoch after epoch, without end.

@@ -3,7 +3,9 @@
 This module is the contract between the writer (tokenize stage) and the reader (training loader): both decode
 the stored image bytes with :func:`decode_source` and draw a view with :func:`render` from its recorded geometry
 (:func:`decode_view` for the center view, :func:`decode_views` for all of an image's views), so a token grid
-always matches the exact pixels the trainer sees.
+always matches the exact pixels the trainer sees. Two render methods exist (``Preprocess.render``): ``full``
+(every image decoded whole, as kmim always did) and ``scaled`` (JPEGs decoded at a reduced DCT scale where a view
+allows it, see :func:`render`); a dataset records its method in its preprocessing description.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import io
 import math
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps
+import simplejpeg
+from PIL import ExifTags, Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 # Pillow formats stored as they came, under an extension of IMAGE_EXTS (MPO is a JPEG with extra frames);
@@ -63,15 +66,37 @@ def _pillow_pixel_limit(limit: int) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = max(_limits) if _limits else _pillow_default
 
 
+# Render methods: FULL decodes every image whole (the pixels of every dataset written before the method was
+# recorded); SCALED decodes a JPEG at a reduced DCT scale where the view allows it (:func:`render`).
+FULL = "full"
+SCALED = "scaled"
+RENDERS = (FULL, SCALED)
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side to ``image_size`` (bicubic), then center-crop ``image_size`` x ``image_size``."""
+    """Resize the shorter side to ``image_size`` (bicubic), then center-crop ``image_size`` x ``image_size``;
+    ``render`` is the render method (:data:`RENDERS`, see :func:`render`)."""
 
     image_size: int
     min_image_size: int = 8
     max_image_pixels: int = 89_478_485
+    render: str = FULL
+
+    def __post_init__(self) -> None:
+        if self.render not in RENDERS:
+            raise ValueError(f"render method {self.render!r} is not one of {RENDERS}")
+
+    @classmethod
+    def from_description(cls, desc: dict) -> Preprocess:
+        """The preprocessing a :meth:`describe` dict (e.g. a manifest's ``preprocess``) states; a description
+        without ``render`` is the full method. Raises KeyError / TypeError when a field is missing, ValueError
+        for an unknown render method; the caller compares ``describe()`` with ``desc`` for the rest."""
+        return cls(desc["image_size"], desc["min_image_size"], desc["max_image_pixels"], desc.get("render", FULL))
 
     def describe(self) -> dict:
+        # The full method is not named, so descriptions (manifests, fit caches) written before it stay equal.
+        method = {} if self.render == FULL else {"render": self.render}
         return {
             "image_size": self.image_size,
             "resize": "shorter_side",
@@ -83,6 +108,7 @@ class Preprocess:
             "high_bit_depth": "scaled_to_8bit",
             "min_image_size": self.min_image_size,
             "max_image_pixels": self.max_image_pixels,
+            **method,
         }
 
 
@@ -203,22 +229,130 @@ def _as_skip() -> Iterator[None]:
         raise SkipImage(_skip_reason(e), f"{type(e).__name__}: {e}") from None
 
 
+# The transpose ImageOps.exif_transpose applies for each EXIF orientation.
+_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+# How a box in the oriented image maps back to the stored one, per transpose: (axes swapped, stored x reversed,
+# stored y reversed).
+_STORED_AXES = {None: (False, False, False), Image.Transpose.FLIP_LEFT_RIGHT: (False, True, False),
+                Image.Transpose.ROTATE_180: (False, True, True), Image.Transpose.FLIP_TOP_BOTTOM: (False, False, True),
+                Image.Transpose.TRANSPOSE: (True, False, False), Image.Transpose.ROTATE_270: (True, False, True),
+                Image.Transpose.TRANSVERSE: (True, True, True), Image.Transpose.ROTATE_90: (True, True, False)}
+
+
+def _orientation(img: Image.Image) -> Image.Transpose | None:
+    """The transpose :func:`ImageOps.exif_transpose` applies to the opened ``img``, without decoding its pixels:
+    it runs on a 1 x 1 stand-in holding ``img``'s metadata, so EXIF it cannot handle fails here as on the full
+    path."""
+    stand_in = Image.new("L", (1, 1))
+    stand_in.info = dict(img.info)
+    ImageOps.exif_transpose(stand_in)
+    return _ORIENTATIONS.get(stand_in.getexif().get(ExifTags.Base.Orientation, 1))
+
+
+def _stored_box(box: tuple[float, ...], method: Image.Transpose | None, width: int, height: int,
+                ) -> tuple[float, ...]:
+    """``box`` [left, top, right, bottom] in the oriented image (px) as the same region of the stored ``width`` x
+    ``height`` image that ``method`` orients."""
+    swap, reverse_x, reverse_y = _STORED_AXES[method]
+    x0, y0, x1, y1 = (box[1], box[0], box[3], box[2]) if swap else box
+    x0, x1 = (width - x1, width - x0) if reverse_x else (x0, x1)
+    y0, y1 = (height - y1, height - y0) if reverse_y else (y0, y1)
+    return x0, y0, x1, y1
+
+
+def jpeg_scale(box: tuple[float, ...], size: int) -> int:
+    """M of the DCT scale M/8 the scaled method decodes a JPEG at to render the view of source ``box`` (px) at
+    ``size`` px: the smallest M in 1..8 that keeps at least ``size`` pixels on each side of the box."""
+    return min(8, math.ceil(8 * size / min(box[2] - box[0], box[3] - box[1])))
+
+
+@dataclass(eq=False)
+class JpegSource:
+    """A JPEG the scaled method decodes per view (:func:`render`): ``size`` [width, height] of the oriented image
+    and ``stored`` as the file stores it (px), ``orientation`` the EXIF transpose (None: none). Decodes are kept,
+    by scale, for the next view; not for sharing between threads."""
+
+    data: bytes
+    pre: Preprocess
+    size: tuple[int, int]
+    stored: tuple[int, int]
+    orientation: Image.Transpose | None
+    _decoded: dict[int, Image.Image | None] = field(default_factory=dict, repr=False)
+
+    def full(self) -> Image.Image:
+        """The oriented RGB image, decoded whole as the full method decodes it; raises :class:`SkipImage`."""
+        if 8 not in self._decoded:
+            with _as_skip():
+                self._decoded[8] = _oriented_rgb(self.data, self.pre)[0]
+        return self._decoded[8]
+
+    def reduced(self, m: int) -> Image.Image | None:
+        """The stored image decoded by libjpeg-turbo at DCT scale ``m``/8: ceil(m/8 of each side) px, RGB; None
+        when that decode fails (a truncated or corrupt file, a sampling it does not take)."""
+        if m not in self._decoded:
+            (w, h), pixels = self.stored, None
+            shape = ((h * m + 7) // 8, (w * m + 7) // 8, 3)
+            with contextlib.suppress(Exception):  # hostile bytes raise anything; the full path then decides
+                pixels = simplejpeg.decode_jpeg(self.data, "RGB", min_height=shape[0], min_width=shape[1])
+            ok = pixels is not None and pixels.shape == shape
+            self._decoded[m] = Image.fromarray(pixels) if ok else None
+        return self._decoded[m]
+
+    def render(self, geometry: dict, size: int) -> np.ndarray:
+        """:func:`render` of this JPEG: uint8 [size, size, 3]."""
+        box = view_box(geometry)
+        m = jpeg_scale(box, size)
+        reduced = self.reduced(m) if m < 8 else None
+        if reduced is None:
+            return _render_full(self.full(), geometry, size)
+        stored_box = tuple(c * m / 8 for c in _stored_box(box, self.orientation, *self.stored))
+        view = reduced.resize((size, size), Image.Resampling.BICUBIC, box=stored_box)
+        if self.orientation is not None:
+            view = view.transpose(self.orientation)
+        return _mirrored(np.asarray(view, dtype=np.uint8), geometry["flip"])
+
+
+def _jpeg_source(data: bytes, pre: Preprocess) -> JpegSource | None:
+    """``data`` as a :class:`JpegSource` when it is a JPEG the scaled method decodes reduced (Pillow format JPEG,
+    mode RGB or L), after the checks of the full path that need no pixels (pixel limit, EXIF orientation, minimum
+    size); None for any other image. Raises :class:`SkipImage` as the full path does."""
+    with _pillow_pixel_limit(pre.max_image_pixels):
+        img = Image.open(io.BytesIO(data), formats=_FORMATS)  # parses the header only
+        if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+            return None
+        _check_pixels(img, pre)
+        orientation = _orientation(img)
+    w, h = img.size
+    swap = _STORED_AXES[orientation][0]
+    size = (h, w) if swap else (w, h)
+    if min(size) < pre.min_image_size:
+        raise SkipImage(TOO_SMALL, f"{size[0]}x{size[1]} < {pre.min_image_size}")
+    return JpegSource(data, pre, size, (w, h), orientation)
+
+
 @dataclass(frozen=True)
 class Source:
-    """A decoded source image: ``image`` the EXIF-oriented RGB image; ``data`` and ``ext`` the image as a shard
-    stores it (the input bytes when their format has an extension in IMAGE_EXTS, else a PNG of ``image``)."""
+    """A decoded source image: ``image`` the EXIF-oriented RGB image, or with the scaled method a
+    :class:`JpegSource` decoded per view; ``data`` and ``ext`` the image as a shard stores it (the input bytes when
+    their format has an extension in IMAGE_EXTS, else a PNG of ``image``)."""
 
-    image: Image.Image
+    image: Image.Image | JpegSource
     data: bytes
     ext: str
 
 
 def decode_source(data: bytes, pre: Preprocess) -> Source:
-    """Decode image bytes once; raises :class:`SkipImage` for bad input. Thread-safe; PIL releases the GIL while it
-    decodes and resizes, so threads decode in parallel."""
+    """Decode image bytes once (with the scaled method, a JPEG's header only: its pixels are decoded by
+    :func:`render`); raises :class:`SkipImage` for bad input. Thread-safe; PIL and libjpeg-turbo release the GIL
+    while they decode and resize, so threads decode in parallel."""
     if not data:
         raise SkipImage(EMPTY)
     with _as_skip():
+        jpeg = _jpeg_source(data, pre) if pre.render == SCALED else None
+        if jpeg is not None:
+            return Source(jpeg, data, "jpg")
         img, fmt = _oriented_rgb(data, pre)
         ext = FORMAT_EXT.get(fmt)
         if ext is None:  # a format the reader side does not list: store a PNG of exactly these pixels
@@ -254,12 +388,17 @@ def _crop_box(width: int, height: int, views: ViewSpec, rng: np.random.Generator
     return [(width - w) // 2, (height - h) // 2, (width - w) // 2 + w, (height - h) // 2 + h]
 
 
-def random_geometry(width: int, height: int, views: ViewSpec, key: str, view: int) -> dict:
-    """View ``view`` >= 1 of the source with hex ``key``: a random resized crop (``crop_box`` in source pixels,
-    ``source_box`` marks it so) and a flip flag, a pure function of (``views.seed``, ``key``, ``view``)."""
-    rng = np.random.default_rng([views.seed, int(key, 16), view])
+def crop_geometry(width: int, height: int, views: ViewSpec, rng: np.random.Generator) -> dict:
+    """A random resized crop of a ``width`` x ``height`` source (``source_box`` in source pixels) and a flip flag
+    drawn from ``rng`` (the flip first, then the crop)."""
     flip = bool(rng.random() < views.flip)
     return {"source_size": [width, height], "source_box": _crop_box(width, height, views, rng), "flip": flip}
+
+
+def random_geometry(width: int, height: int, views: ViewSpec, key: str, view: int) -> dict:
+    """View ``view`` >= 1 of the source with hex ``key``: :func:`crop_geometry`, a pure function of
+    (``views.seed``, ``key``, ``view``)."""
+    return crop_geometry(width, height, views, np.random.default_rng([views.seed, int(key, 16), view]))
 
 
 def view_geometries(width: int, height: int, size: int, views: ViewSpec, key: str) -> list[dict]:
@@ -268,23 +407,52 @@ def view_geometries(width: int, height: int, size: int, views: ViewSpec, key: st
                                                        for v in range(1, views.count)]
 
 
-def render(image: Image.Image, geometry: dict, size: int) -> np.ndarray:
-    """The view ``geometry`` of the oriented RGB ``image`` at ``size`` px: uint8 [size, size, 3] (bicubic).
+def render(image: Image.Image | JpegSource, geometry: dict, size: int) -> np.ndarray:
+    """The view ``geometry`` of a decoded source image (:attr:`Source.image`) at ``size`` px: uint8 [size, size, 3].
 
-    The center view at its own size is resized then cropped; any other view or size resamples its box of
-    source pixels straight to ``size`` x ``size``; then a flipped view is mirrored left-right."""
+    Full method (an oriented RGB image): the center view at its own size is resized (bicubic) then cropped; any
+    other view or size resamples its box of source pixels (:func:`view_box`) straight to ``size`` x ``size``
+    (bicubic); then a flipped view is mirrored left-right.
+
+    Scaled method (a :class:`JpegSource`): with M = :func:`jpeg_scale` of the view's box, i.e. the smallest M in
+    1..8 with M/8 x the box's shorter side >= ``size``, a view with M <= 7 (a box at least 8/7 x ``size`` px on
+    its shorter side) is rendered from the JPEG decoded by libjpeg-turbo in the DCT domain at scale M/8: the box,
+    mapped into the stored (not yet EXIF-oriented) image and scaled by M/8, is resampled (bicubic) straight to
+    ``size`` x ``size``, then oriented, then mirrored if flipped. Its pixels differ from the full method's (the
+    reduced decode low-passes in the DCT domain; the last resample still shrinks, by less than 8/7 for M >= 2), so
+    the method is recorded. Every other view (M = 8) and a JPEG whose reduced decode fails are rendered from the
+    whole decode exactly as the full method renders them, bit for bit, as is every image that is not a JPEG in
+    mode RGB or L."""
+    if isinstance(image, JpegSource):
+        return image.render(geometry, size)
+    return _render_full(image, geometry, size)
+
+
+def view_box(geometry: dict) -> tuple[float, float, float, float]:
+    """[left, top, right, bottom] of the view ``geometry`` in source pixels (a center view's crop box, in resized
+    pixels, scaled back)."""
     if "source_box" in geometry:
-        box = tuple(float(c) for c in geometry["source_box"])
-    else:
+        return tuple(float(c) for c in geometry["source_box"])
+    (w, h), (nw, nh), (left, top, right, bottom) = geometry["source_size"], geometry["resized"], geometry["crop_box"]
+    return left * w / nw, top * h / nh, right * w / nw, bottom * h / nh
+
+
+def _render_full(image: Image.Image, geometry: dict, size: int) -> np.ndarray:
+    """The full method's :func:`render` of the oriented RGB ``image``: uint8 [size, size, 3]."""
+    if "source_box" not in geometry:
         (w, h), (nw, nh), (left, top, right, bottom) = (geometry["source_size"], geometry["resized"],
                                                         geometry["crop_box"])
         if right - left == size:
             if (nw, nh) != (w, h):
                 image = image.resize((nw, nh), Image.Resampling.BICUBIC)
             return np.asarray(image.crop((left, top, right, bottom)), dtype=np.uint8)
-        box = (left * w / nw, top * h / nh, right * w / nw, bottom * h / nh)
-    pixels = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box), dtype=np.uint8)
-    return np.ascontiguousarray(pixels[:, ::-1]) if geometry["flip"] else pixels
+    pixels = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=view_box(geometry)), dtype=np.uint8)
+    return _mirrored(pixels, geometry["flip"])
+
+
+def _mirrored(pixels: np.ndarray, flip: bool) -> np.ndarray:
+    """``pixels`` [S, S, 3] mirrored left-right when ``flip``."""
+    return np.ascontiguousarray(pixels[:, ::-1]) if flip else pixels
 
 
 def geometry_problem(geometry: object) -> str | None:

@@ -49,6 +49,8 @@ class TrainConfig(BaseModel):
     model_dim: int | None = Field(None, ge=4, description="encoder width override")
     model_depth: int | None = Field(None, ge=1, description="encoder blocks override")
     model_heads: int | None = Field(None, ge=1, description="encoder attention heads override")
+    cls_token: bool = Field(False, description="prepend a learned CLS token to the encoder (probe it with "
+                                               "'kmim eval linprobe --pool cls')")
     decoder_dim: int | None = Field(None, ge=4, validate_default=True, description="decoder width override (kmim, mae)")
     decoder_depth: int | None = Field(None, ge=1, validate_default=True,
                                       description="decoder blocks override (kmim, mae)")
@@ -131,3 +133,74 @@ class TrainConfig(BaseModel):
 def load_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """Merge the YAML file at ``path`` (if any) with ``overrides`` (None values ignored) and validate."""
     return load_config(path, overrides, TrainConfig)
+
+
+class FinetuneConfig(BaseModel):
+    """Settings of one ``kmim eval finetune``: the MAE / BEiT fine-tuning recipe (AdamW with layer-wise lr decay,
+    warmup + cosine, label smoothing, drop path, random-resized-crop + flip), scaled to the pre-trained model.
+
+    Material settings (checked on ``--resume``) are the recipe and the sample order; the data, run and pre-trained
+    run paths and how or where the run computes are not.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    checkpoint: str = Field(description="pre-trained run directory (`kmim train --out`); its latest checkpoint's "
+                                        "encoder initializes the model", json_schema_extra=NOT_MATERIAL)
+    train_data: str = Field(description="labelled kmim dataset to fine-tune on", json_schema_extra=NOT_MATERIAL)
+    val_data: str = Field(description="held-out labelled kmim dataset: top-1 after every epoch",
+                          json_schema_extra=NOT_MATERIAL)
+    out: str = Field(description="fine-tuning run directory (local): finetune.json, checkpoints, metrics.jsonl, "
+                                 "curves.png", json_schema_extra=NOT_MATERIAL)
+    classes: int | None = Field(None, ge=2, description="number of classes; default: the train data's class names")
+    pool: Literal["auto", "cls", "mean"] = Field("auto", description="classify the CLS token's output (auto "
+                                                 "when the model has one) or mean-pooled patch tokens")
+    epochs: int = Field(100, ge=1, description="length of the schedule (MAE ViT-B: 100)")
+    max_steps: int | None = Field(None, ge=1, json_schema_extra=NOT_MATERIAL,
+                                  description="stop after this many steps (the schedule still spans 'epochs')")
+    batch_size: int = Field(64, ge=1, description="images per micro-batch per rank")
+    accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    blr: float = Field(5e-4, gt=0, description="base learning rate: peak lr = blr * images per step / 256 "
+                                               "(MAE ViT-B)")
+    min_lr: float = Field(1e-6, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_epochs: float | None = Field(None, ge=0, description="linear warmup; default min(5, epochs / 10)")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay: block i of n gets "
+                                      "decay^(n + 1 - i); default 0.65 for base (MAE ViT-B), 0.75 smaller")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases, norms, tokens)")
+    drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth of the last block (linear in depth)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the cross-entropy")
+    crop_scale_min: float = Field(0.08, gt=0, le=1, description="smallest area share of the random resized crop")
+    flip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    grad_clip: float = Field(0.0, ge=0, description="max global gradient norm; 0 = no clipping (MAE)")
+    seed: int = Field(0, ge=0, description="seed of the head, the sample order, crops and drop path")
+    shuffle_window: int = Field(4096, ge=1, description="samples shuffled together (see the loader)")
+    workers: int = Field(0, ge=0, json_schema_extra=NOT_MATERIAL, description="DataLoader worker processes per rank")
+    verify: bool = Field(True, json_schema_extra=NOT_MATERIAL, description="check each shard's sha256 on read")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda)$", json_schema_extra=NOT_MATERIAL,
+                        description="auto | cpu | cuda; auto = CUDA if available")
+    amp: bool = Field(True, json_schema_extra=NOT_MATERIAL, description="bf16 autocast on CUDA (no effect on CPU)")
+    log_every: int = Field(10, ge=1, json_schema_extra=NOT_MATERIAL, description="steps between metrics.jsonl lines")
+    checkpoint_every: int | None = Field(None, ge=1, json_schema_extra=NOT_MATERIAL,
+                                         description="steps between checkpoints; default: each epoch (always at "
+                                                     "the end)")
+    resume: bool = Field(False, json_schema_extra=NOT_MATERIAL,
+                         description="continue from the run directory's latest checkpoint")
+
+    @model_validator(mode="after")
+    def _check_lr(self) -> FinetuneConfig:
+        if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"field 'warmup_epochs' ({self.warmup_epochs}) must be below 'epochs' ({self.epochs})")
+        return self
+
+    def warmup(self) -> float:
+        """Warmup length in epochs."""
+        return min(5.0, self.epochs / 10) if self.warmup_epochs is None else self.warmup_epochs
+
+    def decay_for(self, model_size: str) -> float:
+        """The layer-wise lr decay for a pre-trained model of size ``model_size``."""
+        return self.layer_decay or (0.65 if model_size == "base" else 0.75)
+
+
+def load_finetune_config(path: str | Path | None = None, overrides: dict | None = None) -> FinetuneConfig:
+    """Merge the YAML file at ``path`` (if any) with ``overrides`` (None values ignored) and validate."""
+    return load_config(path, overrides, FinetuneConfig)

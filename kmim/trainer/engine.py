@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -43,7 +44,7 @@ from kmim.trainer.checkpoint import (
 )
 from kmim.trainer.config import TrainConfig
 from kmim.trainer.objectives import MIMObjective, build_objective
-from kmim.trainer.plot import plot_curves
+from kmim.trainer.plot import MIM_PANELS, plot_curves
 
 log = logging.getLogger("kmim")
 
@@ -99,7 +100,7 @@ def build_model(cfg: TrainConfig, info: dict) -> MIMObjective:
     """The configured objective for a dataset described by :func:`dataset_info`."""
     return build_objective(cfg.objective, cfg.model, info["image_size"], info["patch_size"], info["k"],
                            cfg.mto_config(), encoder=cfg.encoder(), decoder=cfg.decoder(),
-                           mask_ratio=cfg.mask_ratio, amp=cfg.amp)
+                           mask_ratio=cfg.mask_ratio, cls_token=cfg.cls_token, amp=cfg.amp)
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:
@@ -111,13 +112,18 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
         raise TrainError(f"{path}: not a kmim run directory (no {RUN_CONFIG})") from None
 
 
+def warmup_cosine(step: int, peak: float, min_lr: float, warmup: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): ``peak * (step + 1) / warmup`` during warmup, then a
+    half cosine from ``peak`` to ``min_lr`` reaching ``min_lr`` at ``total_steps``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): ``lr * (step + 1) / warmup_steps`` during warmup,
-    then a half cosine from ``lr`` to ``min_lr`` reaching ``min_lr`` at ``total_steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """The training run's :func:`warmup_cosine` learning rate of step ``step``."""
+    return warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps)
 
 
 def masking_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
@@ -146,11 +152,17 @@ def check_run_dir(cfg: TrainConfig, info: dict) -> None:
             raise TrainError(f"{cfg.data}: tokenizer_id {info['tokenizer_id']!r} is not the "
                              f"{previous['dataset']['tokenizer_id']!r} this run was trained on (tokens from "
                              "another codebook)")
-        old = previous["config"]
-        for field, value in material_settings(cfg).items():
-            if old.get(field) != value:
-                raise TrainError(f"--resume: field '{field}' is {old.get(field)!r} in {run / RUN_CONFIG}, "
-                                 f"{value!r} now; it must not change within a run")
+        check_material(previous["config"], cfg, run / RUN_CONFIG)
+
+
+def check_material(old: dict, cfg: BaseModel, where: Path) -> None:
+    """Refuse a resume whose material settings differ from ``old`` (the settings saved in ``where``); a field
+    missing from ``old`` (written before the field existed) counts as its default."""
+    for field, value in material_settings(cfg).items():
+        before = old.get(field, type(cfg).model_fields[field].default)
+        if before != value:
+            raise TrainError(f"--resume: field '{field}' is {before!r} in {where}, {value!r} now; it must not "
+                             "change within a run")
 
 
 def write_run_config(cfg: TrainConfig, info: dict, world: int) -> None:
@@ -228,8 +240,8 @@ class Schedule:
         """The schedule of ``cfg`` over ``world`` ranks that each get ``batches_per_epoch`` micro-batches."""
         steps_per_epoch = batches_per_epoch // cfg.accum_steps
         if steps_per_epoch == 0:
-            raise TrainError(f"{cfg.data}: {batches_per_epoch} batches per rank per epoch are fewer than one "
-                             f"step of field 'accum_steps' = {cfg.accum_steps} micro-batches")
+            raise TrainError(f"{batches_per_epoch} batches per rank per epoch are fewer than one step of field "
+                             f"'accum_steps' = {cfg.accum_steps} micro-batches")
         total = cfg.epochs * steps_per_epoch
         return cls(steps_per_epoch, total, min(total, cfg.max_steps or total), cfg.checkpoint_every or steps_per_epoch,
                    cfg.batch_size * cfg.accum_steps * world)
@@ -335,8 +347,8 @@ class Progress:
     """Throughput, ETA and the metrics log of one invocation: rank 0 appends a ``metrics.jsonl`` row and logs a
     line per :meth:`log`."""
 
-    def __init__(self, run: Path, d: Dist, sched: Schedule, step: int) -> None:
-        self.run, self.d, self.sched = run, d, sched
+    def __init__(self, run: Path, d: Dist, sched: Schedule, step: int, panels: tuple = MIM_PANELS) -> None:
+        self.run, self.d, self.sched, self.panels = run, d, sched, panels
         self.t_start = self.t_log = time.perf_counter()
         self.start_step = self.step_log = step
 
@@ -363,7 +375,7 @@ class Progress:
                    "epoch": self.sched.epoch(step), "elapsed_s": round(elapsed, 2),
                    "samples_per_s": None if rate is None else round(rate, 2)}
         if self.d.main and (self.run / METRICS).exists():
-            plot_curves(self.run / METRICS, self.run / CURVES)
+            plot_curves(self.run / METRICS, self.run / CURVES, self.panels)
             summary["curves"] = str(self.run / CURVES)
         return summary
 

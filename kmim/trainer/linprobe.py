@@ -1,9 +1,12 @@
 """Frozen-encoder evaluation of a training run: linear probe (MAE protocol) and k-NN top-1.
 
-Features are ``encoder_features`` (mean-pooled patch tokens of the unmasked image, [N, D] float32), extracted
-once with the training loader (no augmentation, the center view, manifest order). Samples without a label are left out.
-The split is a pure function of the sample key: ``sha256(f"{split_seed}:{key}")`` read as a number in
-[0, 1) below ``train_fraction`` puts the sample in the train split, else in the held-out split.
+Features are ``encoder_features`` of the unmasked image, [N, D] float32: the CLS token's output (``pool="cls"``,
+the default for a model trained with a CLS token) or the mean of the patch tokens' outputs (``"mean"``, the default
+otherwise), extracted once with the training loader (no augmentation, the center view, manifest order). Samples
+without a label are left out. The head is trained on one labelled dataset and measured on another
+(``val_data``: held-out data, e.g. a validation split tokenized with the same codebook), or, for a single
+dataset, on a split that is a pure function of the sample key: ``sha256(f"{split_seed}:{key}")`` read as a number
+in [0, 1) below ``train_fraction`` puts the sample in the train split, else in the held-out split.
 
 - Linear probe: ``BatchNorm1d(D, affine=False, eps=1e-6)`` then ``Linear(D, classes)`` (weights
   N(0, 0.01) truncated, bias 0), as MAE; trained on the train split with SGD (momentum 0.9, no weight decay,
@@ -74,14 +77,14 @@ def load_encoder(run_dir: str | os.PathLike, device: torch.device) -> tuple[MIMO
 
 @torch.no_grad()
 def extract_features(model: MIMObjective, data: str | os.PathLike, device: torch.device, batch_size: int = 256,
-                     workers: int = 0) -> Features:
-    """Every sample of the dataset once, in manifest order."""
+                     workers: int = 0, pool: str = "mean") -> Features:
+    """Every sample of the dataset once, in manifest order; ``pool`` as :meth:`ViT.features`."""
     ds = TokenDataset(data, batch_size=batch_size, shuffle=False, drop_last=False, rank=0, world_size=1,
                       random_views=False)
     n = int(ds.offsets[-1])
     feats, labels, keys = [], [], []
     for batch in TokenLoader(ds, num_workers=workers):
-        feats.append(model.encoder_features(batch["image"].to(device)).cpu())
+        feats.append(model.encoder_features(batch["image"].to(device), pool).cpu())
         labels.append(batch["label"])
         keys.extend(batch["key"])
     # drop_last=False pads the last batch by repeating the first samples.
@@ -137,29 +140,92 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     return correct / len(test_x)
 
 
+def resolve_pool(pool: str, model: MIMObjective) -> str:
+    """``auto`` -> ``cls`` when the encoder has a CLS token, else ``mean``; ``cls`` without one is refused."""
+    has_cls = model.encoder.cls_token is not None
+    if pool == "auto":
+        return "cls" if has_cls else "mean"
+    if pool not in ("cls", "mean"):
+        raise ValueError(f"field 'pool': expected auto, cls or mean, got {pool!r}")
+    if pool == "cls" and not has_cls:
+        raise ValueError("field 'pool': 'cls' needs a model trained with --cls-token; this one has none "
+                         "(use mean)")
+    return pool
+
+
+def eval_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                        "cpu" if device == "auto" else device)
+
+
+def check_eval_data(datasets: list[str | os.PathLike], image_size: int, run_dir: str | os.PathLike) -> list[str]:
+    """The datasets' class names (the first's): every dataset must have ``image_size`` px images and, when
+    several are given, the same class names (labels index into them)."""
+    names = None
+    for data in datasets:
+        manifest = open_manifest(data)
+        size = manifest["preprocess"]["image_size"]
+        if size != image_size:
+            raise ValueError(f"{data}: {size}px images, the model of {run_dir} was trained on {image_size}px")
+        labels = manifest.get("labels") or []
+        if names is not None and labels != names:
+            raise ValueError(f"{data}: field 'labels' {labels[:5]}... differs from {datasets[0]}'s "
+                             f"{names[:5]}...; train and validation data must share their classes")
+        names = labels if names is None else names
+    return names or []
+
+
+def labelled(feats: Features) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The labelled samples' (features [n, D], labels [n], keys)."""
+    keep = feats.labels >= 0
+    return feats.features[keep], feats.labels[keep], [k for k, m in zip(feats.keys, keep.tolist(), strict=True) if m]
+
+
+def probe_splits(model: MIMObjective, data: str | os.PathLike, val_data: str | os.PathLike | None,
+                 cfg: ProbeConfig, pool: str, dev: torch.device, workers: int) -> tuple[dict, dict]:
+    """(train, test) splits ``{"x": [n, D], "y": [n], "unlabelled": int}``: all of ``data`` and all of
+    ``val_data``, or with ``val_data`` None, ``data`` split by key hash."""
+    def feats(d: str | os.PathLike) -> Features:
+        return extract_features(model, d, dev, cfg.batch_size, workers, pool)
+
+    first = feats(data)
+    x, y, keys = labelled(first)
+    unlabelled = len(first.keys) - len(keys)
+    if val_data is None:
+        train = split_by_key(keys, cfg.train_fraction, cfg.split_seed)
+        if int(train.sum()) < 2 or int((~train).sum()) < 1:
+            raise ValueError(f"{data}: {len(keys)} labelled samples are too few for a {cfg.train_fraction:.0%} / "
+                             f"{1 - cfg.train_fraction:.0%} split")
+        return ({"x": x[train], "y": y[train], "unlabelled": unlabelled},
+                {"x": x[~train], "y": y[~train], "unlabelled": 0})
+    second = feats(val_data)
+    vx, vy, vkeys = labelled(second)
+    if len(keys) < 2 or not vkeys:
+        raise ValueError(f"{data if len(keys) < 2 else val_data}: too few labelled samples to probe")
+    return ({"x": x, "y": y, "unlabelled": unlabelled},
+            {"x": vx, "y": vy, "unlabelled": len(second.keys) - len(vkeys)})
+
+
 def linear_probe(run_dir: str | os.PathLike, data: str | os.PathLike, cfg: ProbeConfig = ProbeConfig(), *,
-                 device: str = "auto", workers: int = 0) -> dict:
-    """Evaluate the run's latest checkpoint on ``data``; returns top1, knn_top1 (fractions) and the setup."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+                 val_data: str | os.PathLike | None = None, pool: str = "auto", device: str = "auto",
+                 workers: int = 0) -> dict:
+    """Evaluate the run's latest checkpoint: train the head on ``data`` and measure top-1 on ``val_data``, or,
+    without ``val_data``, on ``data``'s key-hash split. Returns top1, knn_top1 (fractions) and the setup."""
+    dev = eval_device(device)
     model, info, step = load_encoder(run_dir, dev)
-    size = open_manifest(data)["preprocess"]["image_size"]
-    if size != info["image_size"]:
-        raise ValueError(f"{data}: {size}px images, the model of {run_dir} was trained on {info['image_size']}px")
-    feats = extract_features(model, data, dev, cfg.batch_size, workers)
-    labelled = feats.labels >= 0
-    x, y = feats.features[labelled].to(dev), feats.labels[labelled].to(dev)
-    train = split_by_key([k for k, keep in zip(feats.keys, labelled.tolist(), strict=True) if keep],
-                         cfg.train_fraction, cfg.split_seed).to(dev)
-    if int(train.sum()) < 2 or int((~train).sum()) < 1:
-        raise ValueError(f"{data}: {int(labelled.sum())} labelled samples are too few for a "
-                         f"{cfg.train_fraction:.0%} / {1 - cfg.train_fraction:.0%} split")
-    classes = int(y.max()) + 1
-    head = train_linear(x[train], y[train], classes, cfg)
+    pool = resolve_pool(pool, model)
+    names = check_eval_data([data] + ([val_data] if val_data is not None else []), info["image_size"], run_dir)
+    train, test = probe_splits(model, data, val_data, cfg, pool, dev, workers)
+    classes = max(len(names), int(torch.cat([train["y"], test["y"]]).max()) + 1)
+    x, y, tx, ty = train["x"].to(dev), train["y"].to(dev), test["x"].to(dev), test["y"].to(dev)
+    head = train_linear(x, y, classes, cfg)
     with torch.no_grad():
-        top1 = (head(x[~train]).argmax(dim=1) == y[~train]).float().mean().item()
-    knn = knn_top1(x[train], y[train], x[~train], y[~train], classes, cfg.knn_k, cfg.knn_temperature)
+        top1 = (head(tx).argmax(dim=1) == ty).float().mean().item()
+    knn = knn_top1(x, y, tx, ty, classes, cfg.knn_k, cfg.knn_temperature)
     return {"top1": top1, "knn_top1": knn, "checkpoint_step": step, "classes": classes, "chance": 1 / classes,
-            "train_samples": int(train.sum()), "test_samples": int((~train).sum()), "feature_dim": x.shape[1],
-            "unlabelled": int((~labelled).sum()), "epochs": cfg.epochs, "knn_k": cfg.knn_k,
-            "knn_temperature": cfg.knn_temperature, "run_dir": str(Path(run_dir)), "data": str(data)}
+            "pool": pool, "split": "key_hash" if val_data is None else "datasets",
+            "train_samples": len(x), "test_samples": len(tx), "feature_dim": x.shape[1],
+            "unlabelled": train["unlabelled"] + test["unlabelled"], "epochs": cfg.epochs, "knn_k": cfg.knn_k,
+            "knn_temperature": cfg.knn_temperature, "run_dir": str(Path(run_dir)), "data": str(data),
+            "val_data": None if val_data is None else str(val_data)}

@@ -48,10 +48,10 @@ class MIMObjective(nn.Module):
         self.mto = mto
         self.amp = amp
 
-    def encoder_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Unmasked mean-pooled patch features [B, D] (float32), for linear probing."""
+    def encoder_features(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """Unmasked image features [B, D] (float32) for linear probing: see :meth:`ViT.features`."""
         with bf16_autocast(images, self.amp):
-            return self.encoder.features(images).float()
+            return self.encoder.features(images, pool).float()
 
     def _flat_tokens(self, tokens: torch.Tensor | None, batch: int) -> torch.Tensor:
         """[B, h, w] token grid -> [B, L] long, row-major."""

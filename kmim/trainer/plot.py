@@ -11,14 +11,15 @@ from matplotlib.figure import Figure
 from kmim.files import atomic_write
 
 # (metric, panel title); a panel is drawn only when its metric was logged.
-_PANELS = (("loss", "loss"), ("acc", "masked-token accuracy"), ("mto_h", "MTO heterogeneity H(l)"), ("lr", "lr"))
+MIM_PANELS = (("loss", "loss"), ("acc", "masked-token accuracy"), ("mto_h", "MTO heterogeneity H(l)"), ("lr", "lr"))
+FINETUNE_PANELS = (("loss", "loss"), ("acc", "train top-1"), ("val_top1", "validation top-1"), ("lr", "lr"))
 
 
-def plot_curves(metrics: Path, out: Path) -> None:
-    """Plot loss (and the objective alone, with MTO), accuracy, per-layer H(l) and lr against step; nothing to
-    plot, no file."""
+def plot_curves(metrics: Path, out: Path, panels: tuple = MIM_PANELS) -> None:
+    """Plot each (metric, title) of ``panels`` that was logged against step (the loss also as the objective
+    alone with MTO; per-layer H(l)); nothing to plot, no file."""
     rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
-    panels = [(key, title) for key, title in _PANELS if any(key in r for r in rows)]
+    panels = [(key, title) for key, title in panels if any(key in r for r in rows)]
     if not panels:
         return
     fig = Figure(figsize=(4.5 * len(panels), 3.5), layout="constrained")
@@ -31,7 +32,7 @@ def plot_curves(metrics: Path, out: Path) -> None:
                 ax.plot(steps, [r[key][layer] for r in have], label=f"H({layer})")
             ax.legend(fontsize="small")
         else:
-            ax.plot(steps, [r[key] for r in have], label=key)
+            ax.plot(steps, [r[key] for r in have], label=key, marker="o" if len(have) < 30 else None)
             if key == "loss" and any("loss_main" in r for r in have):
                 main = [r for r in have if "loss_main" in r]
                 ax.plot([r["step"] for r in main], [r["loss_main"] for r in main], label="objective only")

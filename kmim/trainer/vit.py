@@ -86,12 +86,23 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d)), attn
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a residual branch x [B, ...]: zero whole samples with probability ``p`` and scale the
+    rest by 1 / (1 - p) while training (draws from torch's global RNG); the identity otherwise."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)); each branch dropped per sample with
+    probability ``drop_path`` while training (stochastic depth, for fine-tuning)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
+        self.drop_path = drop_path
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -99,8 +110,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         a, attn = self.attn(self.norm1(x), return_attn)
-        x = x + a
-        return x + self.mlp(self.norm2(x)), attn
+        x = x + drop_path(a, self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training), attn
 
 
 @dataclass
@@ -114,11 +125,13 @@ class TransformerStates:
 
 
 class Transformer(nn.Module):
-    """A stack of pre-norm blocks followed by a final LayerNorm."""
+    """A stack of pre-norm blocks followed by a final LayerNorm; block i drops its branches with probability
+    ``drop_path * i / (depth - 1)`` (the linear rule of DeiT / MAE fine-tuning)."""
 
-    def __init__(self, cfg: ViTConfig) -> None:
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        rates = torch.linspace(0, drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +156,7 @@ class ViT(nn.Module):
     """Conv patch embedding + fixed sin-cos positions + optional CLS + Transformer."""
 
     def __init__(self, cfg: ViTConfig, image_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 cls_token: bool = False) -> None:
+                 cls_token: bool = False, drop_path: float = 0.0) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
@@ -155,7 +168,7 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cls_token else None
         # Fixed, so not saved: checkpoints stay valid if the formula's dtype/device handling changes.
         self.register_buffer("pos_embed", sincos_pos_embed(cfg.dim, *self.grid)[None], persistent=False)
-        self.blocks = Transformer(cfg)
+        self.blocks = Transformer(cfg, drop_path)
         init_weights(self)
 
     @property
@@ -184,9 +197,17 @@ class ViT(nn.Module):
         """Unmasked encoding: [B, C, H, W] -> [B, T, D]."""
         return self.blocks(self.prepend_cls(self.embed_patches(images) + self.pos_embed))
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Mean-pooled patch features [B, D] (CLS excluded)."""
-        return self.forward(images)[:, self.num_prefix:].mean(dim=1)
+    def features(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """Image features [B, D]: the CLS token's output (``pool="cls"``, models with one) or the mean of the
+        patch tokens' outputs (``"mean"``, CLS excluded)."""
+        out = self.forward(images)
+        if pool == "cls":
+            if self.cls_token is None:
+                raise ValueError("pool 'cls': this model has no CLS token (trained without --cls-token)")
+            return out[:, 0]
+        if pool != "mean":
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        return out[:, self.num_prefix:].mean(dim=1)
 
 
 def init_weights(module: nn.Module) -> None:
