@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 
 from kmim.cli import app
 from kmim.config import load_config
+from kmim.datasets.loader import TokenDataset
+from kmim.datasets.preprocess import ViewSpec
 from kmim.pipeline.job import run_job
 from kmim.trainer.checkpoint import latest_checkpoint, load_state
 from kmim.trainer.classifier import Classifier, layer_id, param_groups
@@ -150,3 +152,19 @@ def test_layer_decay_groups() -> None:
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
     with pytest.raises(ValueError, match="pool"):
         Classifier(ViT(vit_config("tiny", dim=32, depth=1, heads=2), 32, 8), 5, "cls")
+
+
+def test_fresh_crops_resume_and_carry_no_tokens(held_out: dict[str, Path]) -> None:
+    def first(epoch: int, start: int = 0) -> dict:
+        ds = TokenDataset(held_out["train"], batch_size=8, rank=0, world_size=1, crops=ViewSpec(scale=(0.2, 1.0)))
+        return next(ds.batches(epoch, start))
+
+    a, again = first(0), first(0)
+    assert "tokens" not in a and a["view"].eq(-1).all() and a["image"].shape == (8, 3, 32, 32)
+    assert torch.equal(a["image"], again["image"]) and torch.equal(a["flip"], again["flip"])
+    assert not torch.equal(a["image"], first(1)["image"])  # a new crop every epoch
+    # Mid-epoch start (a resumed loader): the sample at position 8 gets the same crop either way.
+    ds = TokenDataset(held_out["train"], batch_size=8, rank=0, world_size=1, crops=ViewSpec(scale=(0.2, 1.0)))
+    batches = ds.batches(0)
+    next(batches)
+    assert torch.equal(next(batches)["image"], first(0, 8)["image"])

@@ -76,8 +76,8 @@ def _preprocess(manifest: dict, where: str) -> Preprocess:
     """The :class:`Preprocess` the manifest describes; refuses one :func:`decode_view` does not implement."""
     desc = manifest.get("preprocess") or {}
     try:
-        pre = Preprocess(desc["image_size"], desc["min_image_size"], desc["max_image_pixels"])
-    except (KeyError, TypeError) as e:
+        pre = Preprocess.from_description(desc)
+    except (KeyError, TypeError, ValueError) as e:
         raise LoaderError(f"{where}: incomplete 'preprocess' ({e})") from None
     if pre.describe() != desc:
         raise LoaderError(f"{where}: 'preprocess' {desc} is not the view this kmim version decodes "
@@ -275,7 +275,10 @@ class TokenDataset(IterableDataset):
                 view == 0 and geometry != center_geometry(*source.image.size, size)):
             raise LoaderError(f"{where}: view {view} {geometry} is not a view of the stored "
                               f"{source.image.size[0]}x{source.image.size[1]} image at {size}px")
-        pixels = render(source.image, geometry, size).astype(np.float32) / 255.0
+        try:  # the scaled render method decodes inside render
+            pixels = render(source.image, geometry, size).astype(np.float32) / 255.0
+        except SkipImage as e:
+            raise LoaderError(f"{where}: stored image does not decode ({e})") from None
         if rng is not None:
             pixels = self.augment.apply(pixels, rng)
         image = ((pixels - self.mean) / self.std).transpose(2, 0, 1)

@@ -279,26 +279,27 @@ class JpegSource:
     size: tuple[int, int]
     stored: tuple[int, int]
     orientation: Image.Transpose | None
-    _decoded: dict[int, Image.Image | None] = field(default_factory=dict, repr=False)
+    _full: Image.Image | None = field(default=None, repr=False)
+    _reduced: dict[int, Image.Image | None] = field(default_factory=dict, repr=False)
 
     def full(self) -> Image.Image:
         """The oriented RGB image, decoded whole as the full method decodes it; raises :class:`SkipImage`."""
-        if 8 not in self._decoded:
+        if self._full is None:
             with _as_skip():
-                self._decoded[8] = _oriented_rgb(self.data, self.pre)[0]
-        return self._decoded[8]
+                self._full = _oriented_rgb(self.data, self.pre)[0]
+        return self._full
 
     def reduced(self, m: int) -> Image.Image | None:
-        """The stored image decoded by libjpeg-turbo at DCT scale ``m``/8: ceil(m/8 of each side) px, RGB; None
-        when that decode fails (a truncated or corrupt file, a sampling it does not take)."""
-        if m not in self._decoded:
+        """The stored image decoded by libjpeg-turbo at DCT scale ``m``/8: RGB, ceil(``m``/8 x each side) px; None
+        when that decode fails (a truncated or corrupt file, a chroma sampling it does not take)."""
+        if m not in self._reduced:
             (w, h), pixels = self.stored, None
             shape = ((h * m + 7) // 8, (w * m + 7) // 8, 3)
             with contextlib.suppress(Exception):  # hostile bytes raise anything; the full path then decides
                 pixels = simplejpeg.decode_jpeg(self.data, "RGB", min_height=shape[0], min_width=shape[1])
             ok = pixels is not None and pixels.shape == shape
-            self._decoded[m] = Image.fromarray(pixels) if ok else None
-        return self._decoded[m]
+            self._reduced[m] = Image.fromarray(pixels) if ok else None
+        return self._reduced[m]
 
     def render(self, geometry: dict, size: int) -> np.ndarray:
         """:func:`render` of this JPEG: uint8 [size, size, 3]."""
@@ -419,10 +420,11 @@ def render(image: Image.Image | JpegSource, geometry: dict, size: int) -> np.nda
     its shorter side) is rendered from the JPEG decoded by libjpeg-turbo in the DCT domain at scale M/8: the box,
     mapped into the stored (not yet EXIF-oriented) image and scaled by M/8, is resampled (bicubic) straight to
     ``size`` x ``size``, then oriented, then mirrored if flipped. Its pixels differ from the full method's (the
-    reduced decode low-passes in the DCT domain; the last resample still shrinks, by less than 8/7 for M >= 2), so
-    the method is recorded. Every other view (M = 8) and a JPEG whose reduced decode fails are rendered from the
-    whole decode exactly as the full method renders them, bit for bit, as is every image that is not a JPEG in
-    mode RGB or L."""
+    reduced decode low-passes in the DCT domain; the last resample never enlarges, and shrinks the box's shorter
+    side by less than M/(M-1) for M >= 2), so the method is recorded. Every other view (M = 8), every image that is
+    not a JPEG in mode RGB or L (Pillow's format JPEG, so not MPO; not CMYK) and every JPEG whose reduced decode
+    fails (it is strict: recoverable corruption fails it too) is rendered from the whole decode exactly as the full
+    method renders it, bit for bit."""
     if isinstance(image, JpegSource):
         return image.render(geometry, size)
     return _render_full(image, geometry, size)

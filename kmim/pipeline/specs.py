@@ -51,7 +51,7 @@ def view_spec(cfg: JobConfig) -> ViewSpec:
 
 def decode_spec(cfg: JobConfig) -> DecodeSpec:
     """How both stages read an input shard and decode its images to views."""
-    preprocess = Preprocess(cfg.image_size, cfg.min_image_size, cfg.max_image_pixels)
+    preprocess = Preprocess(cfg.image_size, cfg.min_image_size, cfg.max_image_pixels, cfg.render)
     return DecodeSpec(source_spec(cfg), preprocess, cfg.decode_threads, view_spec(cfg), extract_size(cfg))
 
 
