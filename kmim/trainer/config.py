@@ -31,8 +31,9 @@ class TrainConfig(BaseModel):
                       json_schema_extra=NOT_MATERIAL)
     out: str = Field(description="run directory (local): config, checkpoints, metrics.jsonl, curves.png",
                      json_schema_extra=NOT_MATERIAL)
-    objective: Literal["kmim", "mae", "beit"] = Field("kmim", description="what the masked patches are trained "
-                                                      "to predict: their tokens, their pixels, or BEiT's tokens")
+    objective: Literal["kmim", "mae", "beit", "mapet"] = Field(
+        "kmim", description="what the masked patches are trained to predict: their tokens, their pixels, BEiT's "
+                            "tokens, or MaPeT's permuted two-stream tokens")
     mto: bool = Field(False, description="add the Masked Token Optimization losses")
     mto_w_spa: float | None = Field(None, ge=0, validate_default=True,
                                     description=f"MTO sparsity weight; default {MTOConfig.w_spa}")
@@ -58,6 +59,10 @@ class TrainConfig(BaseModel):
                                       description="decoder heads override (kmim, mae)")
     mask_ratio: float | None = Field(None, gt=0, lt=1, description="share of patches masked; default: 0.75 "
                                                                    "(kmim, mae), 0.4 (beit)")
+    reconstruction_ratio: float | None = Field(None, gt=0, lt=1, description="mapet: share of patches predicted "
+                                               "(cut c = round((1 - ratio) * N)); default 0.7")
+    cut: int | None = Field(None, ge=1, description="mapet: the cutting point c (patches of context); overrides "
+                                                    "--reconstruction-ratio")
     epochs: int = Field(1, ge=1, description="length of the learning-rate schedule")
     max_steps: int | None = Field(None, ge=1, json_schema_extra=NOT_MATERIAL,
                                   description="stop after this many steps (the schedule still spans 'epochs'); "
@@ -96,8 +101,22 @@ class TrainConfig(BaseModel):
     @field_validator("decoder_dim", "decoder_depth", "decoder_heads")
     @classmethod
     def _decoder_only(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is not None and info.data.get("objective") == "beit":
-            raise ValueError("beit has no decoder")
+        if v is not None and info.data.get("objective") in ("beit", "mapet"):
+            raise ValueError(f"{info.data['objective']} has no decoder")
+        return v
+
+    @field_validator("reconstruction_ratio", "cut")
+    @classmethod
+    def _mapet_only(cls, v: float | int | None, info: ValidationInfo) -> float | int | None:
+        if v is not None and info.data.get("objective") != "mapet":
+            raise ValueError("only used with objective mapet")
+        return v
+
+    @field_validator("mask_ratio")
+    @classmethod
+    def _not_mapet(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("objective") == "mapet":
+            raise ValueError("mapet predicts, it does not mask: use reconstruction_ratio or cut")
         return v
 
     @model_validator(mode="after")
@@ -115,8 +134,8 @@ class TrainConfig(BaseModel):
         return vit_config(self.model, dim=self.model_dim, depth=self.model_depth, heads=self.model_heads)
 
     def decoder(self) -> ViTConfig | None:
-        """The decoder (None for beit): the model size's default with the overrides applied."""
-        if self.objective == "beit":
+        """The decoder (None for beit and mapet): the model size's default with the overrides applied."""
+        if self.objective in ("beit", "mapet"):
             return None
         base = decoder_config(self.model)
         return ViTConfig(self.decoder_dim or base.dim, self.decoder_depth or base.depth,

@@ -100,7 +100,8 @@ def build_model(cfg: TrainConfig, info: dict) -> MIMObjective:
     """The configured objective for a dataset described by :func:`dataset_info`."""
     return build_objective(cfg.objective, cfg.model, info["image_size"], info["patch_size"], info["k"],
                            cfg.mto_config(), encoder=cfg.encoder(), decoder=cfg.decoder(),
-                           mask_ratio=cfg.mask_ratio, cls_token=cfg.cls_token, amp=cfg.amp)
+                           mask_ratio=cfg.reconstruction_ratio if cfg.objective == "mapet" else cfg.mask_ratio,
+                           cls_token=cfg.cls_token, cut=cfg.cut, amp=cfg.amp)
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:

@@ -1,9 +1,10 @@
-"""Masked-image-modeling objectives sharing one ViT: K-MIM (token CE), MAE (pixel MSE), BEiT (token CE).
+"""Masked-image-modeling objectives sharing one ViT: K-MIM (token CE), MAE (pixel MSE), BEiT (token CE), MaPeT
+(two-stream permuted token CE, see :mod:`kmim.trainer.mapet`).
 
 ``forward(images [B, 3, H, W] normalized float, tokens [B, h, w] integer or None)`` returns a dict:
 
 - ``loss``: what to backpropagate (the objective's loss plus the weighted MTO loss when MTO is on);
-- ``acc``: masked-token top-1 accuracy (token objectives only; absent for MAE);
+- ``acc``: masked-token (MaPeT: target-token) top-1 accuracy (token objectives only; absent for MAE);
 - with MTO: ``loss_main`` (the objective alone), ``mto_loss``, ``mto_spa``, ``mto_e``, ``mto_r`` and
   ``mto_h`` (list of H(0..n)); every entry except ``loss`` is detached.
 
@@ -17,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kmim.trainer.mapet import cut_point, permutations, two_stream_mask
 from kmim.trainer.masking import block_masking, random_masking
 from kmim.trainer.mto import MTOConfig, mto_losses
 from kmim.trainer.vit import Transformer, ViT, ViTConfig, init_weights, patchify, sincos_pos_embed, vit_config
 
-OBJECTIVES = ("kmim", "mae", "beit")
+OBJECTIVES = ("kmim", "mae", "beit", "mapet")
 # MAE's decoder is 8 x 512 for ViT-B; the smaller encoders get a lighter one.
 _DECODERS = {"tiny": ViTConfig(256, 4, 8), "small": ViTConfig(256, 4, 8), "base": ViTConfig(512, 8, 16)}
-_DEFAULT_MASK_RATIO = {"kmim": 0.75, "mae": 0.75, "beit": 0.4}
+_DEFAULT_MASK_RATIO = {"kmim": 0.75, "mae": 0.75, "beit": 0.4, "mapet": 0.7}
 
 
 def decoder_config(name: str) -> ViTConfig:
@@ -75,7 +77,7 @@ class MIMObjective(nn.Module):
         return out
 
 
-def _token_ce(logits: torch.Tensor, targets: torch.Tensor,
+def token_ce(logits: torch.Tensor, targets: torch.Tensor,
               label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, K], targets [N] -> (cross-entropy, top-1 accuracy)."""
     logits = logits.float()
@@ -154,7 +156,7 @@ class KMIM(_EncoderDecoder):
         targets = self._flat_tokens(tokens, images.shape[0])
         with bf16_autocast(images, self.amp):
             logits, mask, hidden = self._reconstruct(images, generator)
-        loss, acc = _token_ce(logits, targets[mask], self.label_smoothing)
+        loss, acc = token_ce(logits, targets[mask], self.label_smoothing)
         return self._result(loss, acc, hidden, mask)
 
 
@@ -222,17 +224,69 @@ class BEiT(MIMObjective):
             else:
                 out = enc.blocks(x)
             logits = self.head(out[:, enc.num_prefix:][mask])
-        loss, acc = _token_ce(logits, targets[mask], self.label_smoothing)
+        loss, acc = token_ce(logits, targets[mask], self.label_smoothing)
         return self._result(loss, acc, hidden, mask)
+
+
+class MaPeT(MIMObjective):
+    """MaPeT: two-stream permuted prediction of stored tokens (see :mod:`kmim.trainer.mapet` for the layout and
+    the mask)."""
+
+    def __init__(self, encoder: ViT, k: int, cut: int | None = None, reconstruction_ratio: float | None = None,
+                 label_smoothing: float = 0.0, mto: MTOConfig | None = None, amp: bool = True) -> None:
+        super().__init__(encoder, mto, amp)
+        self.cut = cut_point(encoder.num_patches, cut, reconstruction_ratio)
+        self.label_smoothing = label_smoothing
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.cfg.dim))
+        self.head = nn.Linear(encoder.cfg.dim, k)
+        init_weights(self.head)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def _patch_states(self, seq: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] sequence -> [B, N, D] in patch order: C for context patches, Q for targets."""
+        enc, t = self.encoder, z.shape[1] - self.cut
+        patches = seq[:, enc.num_prefix:enc.num_prefix + enc.num_patches]
+        index = z[:, self.cut:, None].expand(-1, -1, seq.shape[-1])
+        return patches.scatter(1, index, seq[:, seq.shape[1] - t:])
+
+    def predict(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                states: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+        """(logits [B, T, K] of the targets in permuted order, z [B, N], the layers' patch-order states or None)
+        for images [B, 3, S, S]; the permutations are drawn from ``generator``."""
+        enc, c = self.encoder, self.cut
+        b, t = images.shape[0], enc.num_patches - c
+        z, rank = permutations(b, enc.num_patches, generator, images.device)
+        mask = two_stream_mask(rank, c, enc.num_prefix)[:, None]  # [B, 1, L, L]
+        with bf16_autocast(images, self.amp):
+            pos = enc.pos_embed.expand(b, -1, -1)
+            m_pos = self.mask_token + pos.gather(1, z[:, c:, None].expand(-1, -1, pos.shape[-1]))
+            seq = torch.cat([enc.prepend_cls(enc.embed_patches(images) + enc.pos_embed), m_pos, m_pos], dim=1)
+            hidden = None
+            if states:
+                run = enc.blocks.forward_states(seq, attn_mask=mask)
+                out, hidden = run.out, [self._patch_states(h, z) for h in run.hidden]
+            else:
+                out = enc.blocks(seq, attn_mask=mask)
+            return self.head(out[:, out.shape[1] - t:]), z, hidden
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None, *,
+                generator: torch.Generator | None = None) -> dict:
+        targets = self._flat_tokens(tokens, images.shape[0])
+        logits, z, hidden = self.predict(images, generator, states=self.mto is not None)
+        loss, acc = token_ce(logits.reshape(-1, logits.shape[-1]), targets.gather(1, z[:, self.cut:]).reshape(-1),
+                             self.label_smoothing)
+        rank = z.argsort(dim=1)
+        return self._result(loss, acc, hidden, rank >= self.cut)
 
 
 def build_objective(name: str, model_size: str = "tiny", image_size: int = 224, patch_size: int = 16,
                     k: int | None = None, mto: MTOConfig | None = None, *, encoder: ViTConfig | None = None,
                     decoder: ViTConfig | None = None, mask_ratio: float | None = None, masking: str = "block",
                     label_smoothing: float = 0.0, norm_pix_loss: bool = True, cls_token: bool = False,
-                    amp: bool = True) -> MIMObjective:
-    """Build "kmim", "mae" or "beit". ``encoder``/``decoder`` replace the configs named by model_size;
-    mask_ratio defaults to 0.75 (kmim, mae) or 0.4 (beit); masking applies to beit only."""
+                    cut: int | None = None, amp: bool = True) -> MIMObjective:
+    """Build "kmim", "mae", "beit" or "mapet". ``encoder``/``decoder`` replace the configs named by model_size;
+    mask_ratio (for mapet: the reconstruction ratio, unless ``cut`` gives c) defaults to 0.75 (kmim, mae), 0.4
+    (beit) or 0.7 (mapet); masking applies to beit only."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; expected one of {list(OBJECTIVES)}")
     if name != "mae" and (k is None or k < 2):
@@ -241,6 +295,8 @@ def build_objective(name: str, model_size: str = "tiny", image_size: int = 224, 
     ratio = _DEFAULT_MASK_RATIO[name] if mask_ratio is None else mask_ratio
     if name == "beit":
         return BEiT(vit, k, ratio, masking, label_smoothing=label_smoothing, mto=mto, amp=amp)
+    if name == "mapet":
+        return MaPeT(vit, k, cut, ratio, label_smoothing, mto, amp)
     dec = decoder or decoder_config(model_size)
     if name == "kmim":
         return KMIM(vit, dec, k, ratio, label_smoothing, mto, amp)

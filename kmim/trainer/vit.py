@@ -72,17 +72,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, N, D] -> (out [B, N, D], attention [B, heads, N, N] or None). SDPA unless return_attn."""
+    def forward(self, x: torch.Tensor, return_attn: bool = False,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, N, D] -> (out [B, N, D], attention [B, heads, N, N] or None). SDPA unless return_attn.
+        ``attn_mask``: bool [B or 1, 1, N, N], True where query row i may attend to key column j (every row needs
+        one True)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         attn = None
         if return_attn:
             logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                logits = logits.masked_fill(~attn_mask, float("-inf"))
             attn = logits.float().softmax(dim=-1).to(v.dtype)
             out = attn @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, d)), attn
 
 
@@ -108,8 +113,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, attn = self.attn(self.norm1(x), return_attn)
+    def forward(self, x: torch.Tensor, return_attn: bool = False,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, attn = self.attn(self.norm1(x), return_attn, attn_mask)
         x = x + drop_path(a, self.drop_path, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training), attn
 
@@ -134,17 +140,18 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, N, D] -> [B, N, D] via SDPA."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, D] -> [B, N, D] via SDPA (``attn_mask`` as :meth:`Attention.forward`)."""
         for blk in self.blocks:
-            x, _ = blk(x)
+            x, _ = blk(x, attn_mask=attn_mask)
         return self.norm(x)
 
-    def forward_states(self, x: torch.Tensor, return_attn: bool = False) -> TransformerStates:
+    def forward_states(self, x: torch.Tensor, return_attn: bool = False,
+                       attn_mask: torch.Tensor | None = None) -> TransformerStates:
         """As forward, keeping each block's input and output; return_attn takes the explicit-softmax path."""
         states = TransformerStates(out=x, hidden=[x])
         for blk in self.blocks:
-            x, attn = blk(x, return_attn)
+            x, attn = blk(x, return_attn, attn_mask)
             states.hidden.append(x)
             if attn is not None:
                 states.attn.append(attn)
