@@ -1,8 +1,8 @@
 """Tokenization throughput of `kmim run` on the CIFAR subset (image 32, patch 4, K=1024).
 
 The codebook is fitted once; then the shards are deleted and the job rerun, so the timed part is
-tokenization only (decode -> extract -> exact assign -> write). Prints images/s, patches/s and the
-share of worker time in each phase, per runner.
+tokenization only (decode -> extract -> exact assign -> write). Prints images/s, patches/s, the
+share of worker time in each phase and the seconds of the write phase, per runner, with the load average.
 
     .venv/bin/python benchmarks/tokenize_throughput.py [--runners local,ray]
 """
@@ -10,6 +10,7 @@ share of worker time in each phase, per runner.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -47,6 +48,7 @@ def main() -> None:
                  seconds=round(seconds, 2), images_per_s=round(summary["samples"] / seconds, 1),
                  patches_per_s=round(patches / seconds), k=args.k,
                  shares={phase: round(s / busy, 3) for phase, s in summary["timing"].items()},
+                 write_s=round(summary["timing"]["write"], 3), load=[round(x, 2) for x in os.getloadavg()],
                  machine=machine())
     finally:
         shutil.rmtree(work, ignore_errors=True)

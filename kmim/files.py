@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import IO
 
 HASH_CHUNK = 1 << 20  # bytes read per step when hashing a stream
+WRITE_BUFFER = 1 << 20  # bytes an AtomicFile gathers before a system call: few calls for many small writes
 TMP_GLOB = ".*.tmp-*"  # every name tmp_path gives, e.g. for sweeping the leftovers of a killed writer
 
 
@@ -58,7 +59,8 @@ class AtomicFile:
     def __init__(self, final: str | os.PathLike):
         self.final = Path(final)
         self.tmp = tmp_path(self.final)
-        self._file: IO[bytes] = open(self.tmp, "wb")  # noqa: SIM115 - closed by finish() / abort()
+        self._file: IO[bytes] = open(  # noqa: SIM115 - closed by finish() / abort()
+            self.tmp, "wb", buffering=WRITE_BUFFER)
         self._hash = hashlib.sha256()
         self.size = 0  # bytes written so far
         self.done = False  # committed or aborted

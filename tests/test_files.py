@@ -13,6 +13,7 @@ from kmim import files
 from kmim.datasets.manifest import ManifestError, TokenCounts
 from kmim.datasets.shards import ShardWriter
 from kmim.files import TMP_GLOB, AtomicFile, atomic_write, atomic_write_bytes, sha256_file
+from kmim.pipeline.stages import _count_tokens
 
 
 def test_tmp_path_is_a_hidden_sibling(tmp_path: Path) -> None:
@@ -46,6 +47,16 @@ def test_atomic_file_hashes_while_writing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy"]
 
 
+def test_atomic_file_buffers_small_writes_across_its_buffer(tmp_path: Path) -> None:
+    chunks = [bytes([i % 251]) * (i % 700) for i in range(5000)]  # 1.7 MB in small writes, over WRITE_BUFFER
+    with AtomicFile(tmp_path / "x.bin") as f:
+        for chunk in chunks:
+            f.write(chunk)
+    data = b"".join(chunks)
+    assert len(data) > files.WRITE_BUFFER and (tmp_path / "x.bin").read_bytes() == data
+    assert (f.sha256, f.size) == (hashlib.sha256(data).hexdigest(), len(data))
+
+
 def test_shard_writer_context(tmp_path: Path) -> None:
     sample = {"__key__": "k0", "png": b"x", "json": b"{}"}
     with ShardWriter(tmp_path / "a.tar") as shard:
@@ -70,3 +81,15 @@ def test_token_counts_round_trip() -> None:
     assert again == counts
     with pytest.raises(ManifestError, match=r"index: field 'token_counts': a token id is out of range \[0, 3\)"):
         TokenCounts(3).add_columns(columns, "index")
+
+
+def test_token_counts_by_batch_match_grid_by_grid() -> None:
+    rng = np.random.default_rng(0)
+    grids = rng.integers(0, 16, (40, 2, 3, 3)).astype(np.uint16)
+    labels = [[None, 3, -1, 0, 7][i % 5] for i in range(40)]
+    one_by_one, batched = TokenCounts(16), TokenCounts(16)
+    for grid, label in zip(grids, labels, strict=True):
+        one_by_one.add_grid(grid, label)
+    _count_tokens(batched, grids, labels)
+    assert batched == one_by_one and batched.columns() == one_by_one.columns()
+    assert TokenCounts(16).columns() == {"label": [], "token": [], "count": []}

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import bz2
-import contextlib
 import gzip
 import io
 import lzma
 import os
 import re
+import struct
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,12 +18,12 @@ from types import TracebackType
 from typing import IO
 
 import numpy as np
-import webdataset as wds
 
 from kmim.files import AtomicFile
 
 # key.ext where the key has no dot and the extension is one or more dotted words (e.g. "tokens.npy").
-_MEMBER = re.compile(r"^([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)$")
+_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_MEMBER = re.compile(rf"^({_KEY.pattern})\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)$")
 # An input tar's member, WebDataset style: the key is the path up to the first dot of the last component
 # ("train/n01440764_10026.JPEG" -> key "train/n01440764_10026"); never used as a path, only as a source id.
 _INPUT_MEMBER = re.compile(r"^((?:[^/\x00]+/)*[^/.\x00]+)\.([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)$")
@@ -33,10 +33,18 @@ class ShardError(ValueError):
     """A shard that breaks the contract: bad member name, member type, duplicate or malformed sample."""
 
 
-def encode_npy(arr: np.ndarray) -> bytes:
+def _np_save(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    """The ``.npy`` bytes ``np.save`` writes for ``arr`` (never pickled); the header is built once per dtype and
+    shape (formatting it is most of ``np.save``'s cost on a small grid)."""
+    if arr.flags.f_contiguous and not arr.flags.c_contiguous:  # np.save stores it in Fortran order
+        return _np_save(arr)
+    return _npy_header(arr.dtype, arr.shape)[0] + arr.tobytes()
 
 
 def decode_npy(data: bytes, expect: tuple[str, tuple[int, ...]] | None = None) -> np.ndarray:
@@ -53,17 +61,54 @@ def decode_npy(data: bytes, expect: tuple[str, tuple[int, ...]] | None = None) -
 
 
 @lru_cache(maxsize=16)
-def _npy_header(dtype: str, shape: tuple[int, ...]) -> tuple[bytes, int]:
-    """The header ``encode_npy`` writes for an array of this dtype and shape, and the payload size."""
+def _npy_header(dtype: str | np.dtype, shape: tuple[int, ...]) -> tuple[bytes, int]:
+    """The header ``np.save`` writes for a C-order array of this dtype and shape, and the payload size in bytes."""
     arr = np.zeros(shape, np.dtype(dtype))
-    return encode_npy(arr)[: -arr.nbytes or None], arr.nbytes
+    return _np_save(arr)[: -arr.nbytes or None], arr.nbytes
+
+
+def _member_template() -> tuple[bytes, bytes]:
+    """(the PAX extended header before each member, the ustar header of a member named "" of 0 bytes), as tarfile
+    writes them for webdataset's ``TarWriter(mtime=0.0, user="kmim", group="kmim")``, the writer kmim's shards were
+    first written with: its float mtime makes tarfile's default PAX format record ``mtime=0.0`` before every
+    member, and the shards' bytes (their sha256 in every manifest) must not change."""
+    info = tarfile.TarInfo("")
+    info.mtime, info.mode, info.uname, info.gname = 0.0, 0o444, "kmim", "kmim"
+    blob = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    return blob[: -tarfile.BLOCKSIZE], blob[-tarfile.BLOCKSIZE:]
+
+
+_PAX, _TEMPLATE = _member_template()
+# The ustar header's fields: name, mode + uid + gid, size, mtime, checksum, then type, owner and the rest.
+_USTAR = struct.Struct("100s24s12s12s8s356s")
+_, _IDS, _, _MTIME, _, _REST = _USTAR.unpack(_TEMPLATE)
+_CHECKSUM_BASE = sum(_IDS) + sum(_MTIME) + sum(b" " * 8) + sum(_REST)  # the checksum counts its field as spaces
+_ZEROS = bytes(tarfile.BLOCKSIZE)
+_MAX_MEMBER = 8**11  # bytes: the ustar size field's limit (11 octal digits)
+
+
+def _member(name: str, data: bytes | bytearray) -> tuple[bytes, bytes, bytes | bytearray, bytes]:
+    """The tar blocks of member ``name`` holding ``data``: PAX header, ustar header, data, zero padding to 512."""
+    if not isinstance(data, bytes | bytearray):
+        raise ValueError(f"shard member {name!r} is a {type(data).__name__}, not bytes")
+    if _MEMBER.fullmatch(name) is None or len(name) > 100 or len(data) >= _MAX_MEMBER:
+        raise ValueError(f"shard member {name!r} of {len(data)} bytes: not a key.ext name of at most 100 "
+                         f"characters (no paths) or not under {_MAX_MEMBER} bytes")
+    name_field, size_field = name.encode("ascii"), b"%011o\0" % len(data)
+    checksum = b"%06o\0 " % (_CHECKSUM_BASE + sum(name_field) + sum(size_field))
+    header = _USTAR.pack(name_field, _IDS, size_field, _MTIME, checksum, _REST)
+    return _PAX, header, data, _ZEROS[: -len(data) % tarfile.BLOCKSIZE]
 
 
 class ShardWriter:
     """Write samples into the shard tar ``final`` atomically: under a hidden temporary name until committed.
 
-    Samples are dicts ``{"__key__": str, ext: bytes}``; tars are reproducible (mtime 0, fixed owner). The tar is
-    hashed while it is written (:class:`~kmim.files.AtomicFile`), never re-read. Use it as a context manager::
+    Samples are dicts ``{"__key__": str, ext: bytes}``; each is stored as members ``<key>.<ext>`` in sorted ``ext``
+    order (entries named ``_...`` are metadata, not stored), each member name one that :func:`iter_tar` accepts.
+    Tars are reproducible (mtime 0, fixed owner) and byte-identical to what tarfile writes for webdataset's
+    ``TarWriter`` with those settings; each sample's headers are built from a template and the sample reaches the
+    file in one write. The tar is hashed while it is written (:class:`~kmim.files.AtomicFile`), never re-read.
+    Use it as a context manager::
 
         with ShardWriter(out / "shard-00000.tar") as shard:
             for sample in samples:
@@ -79,27 +124,39 @@ class ShardWriter:
     def __init__(self, final: str | os.PathLike):
         self.final = Path(final)
         self._file = AtomicFile(self.final)
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0, user="kmim", group="kmim")
+        self._ended = False  # the end-of-archive blocks are written
         self.samples = 0
 
-    def write(self, sample: dict[str, bytes | str]) -> None:
-        self._tar.write(sample)
+    def write(self, sample: Mapping[str, bytes | bytearray | str]) -> None:
+        """Append one sample; a sample with a bad member raises ValueError and leaves the tar as it was."""
+        if self._ended:
+            raise ValueError(f"{self.final}: the shard is finished; nothing more can be written")
+        key = sample["__key__"]
+        if not (isinstance(key, str) and _KEY.fullmatch(key)):
+            raise ValueError(f"shard member key {key!r} is not letters, digits, '_' and '-'")
+        blocks = [b for ext in sorted(sample) if not ext.startswith("_") for b in _member(f"{key}.{ext}", sample[ext])]
+        self._file.write(b"".join(blocks))
         self.samples += 1
+
+    def _end(self) -> None:
+        """Write the end of the archive once: two zero blocks, then zeros up to a whole tar record (10 KiB)."""
+        if not self._ended:
+            self._ended = True
+            end = 2 * tarfile.BLOCKSIZE
+            self._file.write(bytes(end + -(self._file.size + end) % tarfile.RECORDSIZE))
 
     def finish(self) -> tuple[str, int]:
         """End the tar; return (hex sha256, size in bytes) of the complete file. Nothing more can be written."""
-        self._tar.close()
+        self._end()
         return self._file.finish()
 
     def commit(self) -> None:
         """End the tar (if :meth:`finish` was not called) and rename it onto ``final``."""
-        self._tar.close()
+        self._end()
         self._file.commit()
 
     def abort(self) -> None:
-        """Discard the shard: the temp file is removed even when closing the tar or the file fails (a full disk)."""
-        with contextlib.suppress(Exception):  # the tar stream may be mid-member; it is discarded
-            self._tar.close()
+        """Discard the shard: the temp file is removed even when closing it fails (a full disk)."""
         self._file.abort()
 
     def __enter__(self) -> ShardWriter:
@@ -172,7 +229,7 @@ def iter_tar(fileobj: IO[bytes], name: str = "<tar>", *, input_tar: bool = False
                 continue
             if not member.isfile():
                 raise ShardError(f"{name}: member {member.name!r} is not a regular file")
-            match = (_INPUT_MEMBER if input_tar else _MEMBER).match(member.name.removeprefix("./"))
+            match = (_INPUT_MEMBER if input_tar else _MEMBER).fullmatch(member.name.removeprefix("./"))
             if match is None or {".", ".."} & set(match.group(1).split("/")):
                 layout = "[dir/]key.ext, no '.' or '..'" if input_tar else "key.ext, no paths"
                 raise ShardError(f"{name}: invalid member name {member.name!r} (expected {layout})")

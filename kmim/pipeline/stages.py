@@ -240,18 +240,38 @@ class _ShardRecord:
                 "skipped": self.skipped, "tokenizer_id": tokenizer_id, "token_counts": self.counts.columns()}
 
 
+_SAMPLE_JSON = json.JSONEncoder(sort_keys=True)  # json.dumps(meta, sort_keys=True), without an encoder per call
+
+
+def _count_tokens(counts: TokenCounts, grids: np.ndarray, labels: list[int | None]) -> None:
+    """Add a batch's token grids [B, V, h, w] to ``counts``: one histogram update per label (None = -1) in it."""
+    by_sample = np.array([-1 if label is None else label for label in labels], np.int64)
+    for label in np.unique(by_sample):
+        counts.add_grid(grids[by_sample == label], int(label))
+
+
 def _write_samples(writer: ShardWriter, batch: list[tuple[RawSample, Views]], grids: np.ndarray,
                    counts: TokenCounts) -> None:
     """Each sample as its stored image, ``.tokens.npy`` and ``.json`` (key, source, label, view geometry): with one
     view the grid [h, w] and its geometry; with V > 1 the grids [V, h, w] and the list of V geometries."""
+    _count_tokens(counts, grids, [raw.label for raw, _ in batch])
     for (raw, views), grid in zip(batch, grids, strict=True):
         key = sample_key(raw.source)
-        counts.add_grid(grid, raw.label)
         one = len(views.geometry) == 1
         meta = {"key": key, "source": raw.source, "label": raw.label,
                 "view": views.geometry[0] if one else views.geometry}
         writer.write({"__key__": key, views.ext: views.data, "tokens.npy": encode_npy(grid[0] if one else grid),
-                      "json": json.dumps(meta, sort_keys=True).encode()})
+                      "json": _SAMPLE_JSON.encode(meta).encode()})
+
+
+def _finish_shard(writer: ShardWriter, record: _ShardRecord, tokenizer_id: str) -> dict:
+    """End the shard's tar (hashed while written), write its index beside it, then commit the tar (a finished
+    shard always has its index); return the shard stats the index stores."""
+    sha, nbytes = writer.finish()
+    stats = record.stats(writer.samples, sha, nbytes, tokenizer_id)
+    write_index(writer.final.with_name(index_name(writer.final.name)), record.rows, stats)
+    writer.commit()
+    return stats
 
 
 def upload_shard(out: Path, name: str, fs: AbstractFileSystem, root: str, sha256: str, nbytes: int) -> float:
@@ -315,11 +335,8 @@ class TokenizeStage:
             if pending:
                 flush()
             t = time.perf_counter()
-            sha, nbytes = writer.finish()  # hashed while written
-            stats = record.stats(writer.samples, sha, nbytes, book.tokenizer_id)
-            write_index(out / index_name(name), record.rows, stats)  # the index first: a finished shard has its index
-            writer.commit()
+            stats = _finish_shard(writer, record, book.tokenizer_id)
             timing["write"] += time.perf_counter() - t
         if not is_local(fs):
-            timing["upload"] = upload_shard(out, name, fs, root, sha, nbytes)
+            timing["upload"] = upload_shard(out, name, fs, root, stats["sha256"], stats["bytes"])
         return {**stats, "shard": name, "timing": timing}
