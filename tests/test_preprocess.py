@@ -30,6 +30,7 @@ from kmim.datasets.preprocess import (
     Preprocess,
     SkipImage,
     ViewSpec,
+    center_geometry,
     decode_source,
     decode_view,
     decode_views,
@@ -165,6 +166,52 @@ def test_the_scale_keeps_at_least_size_pixels_across_the_box() -> None:
     assert jpeg_scale((0, 0, 100, 100), 224) == 8  # a view that enlarges is never reduced
 
 
+def bilinear(pixels: np.ndarray, box: tuple[float, ...], size: int) -> np.ndarray:
+    """float64 [size, size, 3]: ``pixels`` uint8 [H, W, 3] interpolated bilinearly at the centers of ``size`` x
+    ``size`` pixels spanning ``box`` [left, top, right, bottom] (px), rounded to 1/32 px; edge pixels repeat
+    outward."""
+
+    def taps(start: float, end: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        centers = np.rint((start + (np.arange(size) + 0.5) * (end - start) / size - 0.5) * 32) / 32
+        first = np.floor(centers).astype(int)
+        return np.clip(first, 0, n - 1), np.clip(first + 1, 0, n - 1), centers - first
+
+    (x0, x1, fx), (y0, y1, fy) = taps(box[0], box[2], pixels.shape[1]), taps(box[1], box[3], pixels.shape[0])
+    rows = pixels[y0].astype(float) * (1 - fy)[:, None, None] + pixels[y1] * fy[:, None, None]
+    return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+
+
+def test_a_box_shrunk_by_at_most_5_4_is_resampled_bilinearly_any_other_antialiased(jpegs: dict[str, bytes]) -> None:
+    """The ImageNet-sized photo's center view (decoded at 5/8: a 234 px box to 224 px) is the reduced decode
+    interpolated bilinearly, to OpenCV's rounding; the large one's (decoded at 2/8: 375 px to 224 px) is Pillow's
+    antialiased bicubic of it, bit for bit."""
+    pre = Preprocess(224, render=SCALED)
+    for name, m in (("typical", 5), ("large", 2)):
+        source = decode_source(jpegs[name], pre).image
+        geometry = center_geometry(*source.size, 224)
+        box, reduced = tuple(c * m / 8 for c in view_box(geometry)), source.reduced(m)
+        assert jpeg_scale(view_box(geometry), 224) == m and (max(box[2] - box[0], box[3] - box[1]) / 224 > 5 / 4) == (
+            name == "large")
+        got = render(source, geometry, 224)
+        if name == "large":
+            want = Image.fromarray(reduced).resize((224, 224), Image.Resampling.BICUBIC, box=box)
+            assert np.array_equal(got, np.asarray(want))
+        else:  # OpenCV's integer weights are exact for 1/32 px steps: only the final rounding differs
+            assert np.abs(got - bilinear(reduced, box, 224)).max() <= 0.5
+
+
+def test_a_view_far_into_a_wide_jpeg_is_resampled_where_it_is() -> None:
+    """A box 40,000 px to the right (35,000 px at 7/8: past OpenCV's int16 maps) renders as the full method's."""
+    width = 40_000
+    ramp = np.broadcast_to(np.arange(width) * 255 // width, (290, width)).astype(np.uint8)
+    data = encode(Image.fromarray(ramp, "L"), "JPEG", quality=95)
+    geometry = {"source_size": [width, 290], "source_box": [width - 290, 0, width, 290], "flip": False}
+    assert jpeg_scale(view_box(geometry), 224) == 7
+    full = render(decode_source(data, Preprocess(224)).image, geometry, 224)
+    scaled = render(decode_source(data, Preprocess(224, render=SCALED)).image, geometry, 224)
+    assert np.abs(full.astype(int) - scaled).max() <= 2
+
+
 @pytest.mark.parametrize("name", ["typical", "large"])
 def test_views_decoded_whole_are_the_full_methods_bit_for_bit(jpegs: dict[str, bytes], name: str) -> None:
     views = ViewSpec(count=12, scale=(0.05, 1.0))
@@ -245,7 +292,7 @@ def test_full_datasets_load_as_before_and_a_job_resumes_only_with_its_method(tmp
     for i, name in enumerate(("coffee", "chelsea", "astronaut", "rocket")):
         (folder / f"{name}.jpg").write_bytes(photo(name, (120 + 20 * i, 90)))
     inputs = [p.read_bytes() for p in sorted(folder.iterdir())]
-    overrides = job_overrides(out=str(tmp_path / "full"), input=str(tmp_path / "images"), k=4)
+    overrides = job_overrides(out=str(tmp_path / "full"), input=str(tmp_path / "images"), k=4, render=FULL)
     run_job(load_config(None, overrides))
     assert read_manifest(tmp_path / "full")["preprocess"] == Preprocess(32).describe()  # as kmim always wrote it
     want = {decode_view(b, Preprocess(32)).pixels.tobytes() for b in inputs}

@@ -99,7 +99,11 @@ def open_manifest(root: str | os.PathLike, *, expect_tokenizer_id: str | None = 
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
             manifest = json.loads(f.read())
     except FileNotFoundError:
-        raise LoaderError(f"{url}: no manifest (the dataset is missing or was never committed)") from None
+        # fsspec's HTTP filesystem reports a refused request (401, 403) as not found too.
+        refused = ("; or the server refused the request: a `kmim serve --token` needs storage_options "
+                   "{'client_kwargs': {'headers': {'Authorization': 'Bearer ...'}}}"
+                   if url.startswith(("http://", "https://")) else "")
+        raise LoaderError(f"{url}: no manifest (the dataset is missing or was never committed{refused})") from None
     except ValueError as e:
         raise LoaderError(f"{url}: not valid JSON ({e})") from None
     try:

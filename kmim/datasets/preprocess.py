@@ -17,9 +17,14 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import simplejpeg
 from PIL import ExifTags, Image, ImageOps
+
+# Process-wide: kmim renders each image on one of its own threads (or processes), so OpenCV's pool would only
+# oversubscribe them; no result depends on OpenCV's thread count.
+cv2.setNumThreads(1)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 # Pillow formats stored as they came, under an extension of IMAGE_EXTS (MPO is a JPEG with extra frames);
@@ -280,7 +285,7 @@ class JpegSource:
     stored: tuple[int, int]
     orientation: Image.Transpose | None
     _full: Image.Image | None = field(default=None, repr=False)
-    _reduced: dict[int, Image.Image | None] = field(default_factory=dict, repr=False)
+    _reduced: dict[int, np.ndarray | None] = field(default_factory=dict, repr=False)
 
     def full(self) -> Image.Image:
         """The oriented RGB image, decoded whole as the full method decodes it; raises :class:`SkipImage`."""
@@ -289,16 +294,17 @@ class JpegSource:
                 self._full = _oriented_rgb(self.data, self.pre)[0]
         return self._full
 
-    def reduced(self, m: int) -> Image.Image | None:
-        """The stored image decoded by libjpeg-turbo at DCT scale ``m``/8: RGB, ceil(``m``/8 x each side) px; None
-        when that decode fails (a truncated or corrupt file, a chroma sampling it does not take)."""
+    def reduced(self, m: int) -> np.ndarray | None:
+        """The stored image decoded by libjpeg-turbo at DCT scale ``m``/8: uint8 [ceil(``m``/8 x height),
+        ceil(``m``/8 x width), 3] (RGB); None when that decode fails (a truncated or corrupt file, a chroma sampling
+        it does not take)."""
         if m not in self._reduced:
             (w, h), pixels = self.stored, None
             shape = ((h * m + 7) // 8, (w * m + 7) // 8, 3)
             with contextlib.suppress(Exception):  # hostile bytes raise anything; the full path then decides
                 pixels = simplejpeg.decode_jpeg(self.data, "RGB", min_height=shape[0], min_width=shape[1])
             ok = pixels is not None and pixels.shape == shape
-            self._reduced[m] = Image.fromarray(pixels) if ok else None
+            self._reduced[m] = pixels if ok else None
         return self._reduced[m]
 
     def render(self, geometry: dict, size: int) -> np.ndarray:
@@ -308,11 +314,41 @@ class JpegSource:
         reduced = self.reduced(m) if m < 8 else None
         if reduced is None:
             return _render_full(self.full(), geometry, size)
-        stored_box = tuple(c * m / 8 for c in _stored_box(box, self.orientation, *self.stored))
-        view = reduced.resize((size, size), Image.Resampling.BICUBIC, box=stored_box)
+        view = _resample(reduced, tuple(c * m / 8 for c in _stored_box(box, self.orientation, *self.stored)), size)
         if self.orientation is not None:
-            view = view.transpose(self.orientation)
-        return _mirrored(np.asarray(view, dtype=np.uint8), geometry["flip"])
+            view = np.asarray(Image.fromarray(view).transpose(self.orientation))
+        return _mirrored(view, geometry["flip"])
+
+
+# The largest shrink of a box side the scaled method resamples bilinearly (:func:`_resample`).
+BILINEAR_SHRINK = 5 / 4
+
+
+def _resample(pixels: np.ndarray, box: tuple[float, ...], size: int) -> np.ndarray:
+    """The ``box`` [left, top, right, bottom] (px, each side at least ``size`` px) of ``pixels`` uint8 [H, W, 3]
+    resampled to uint8 [size, size, 3]: bilinearly when neither side shrinks by more than :data:`BILINEAR_SHRINK`
+    (OpenCV's fixed-point remap: centers rounded to 1/32 px, integer weights and sums, so no CPU-dependent rounding),
+    else by Pillow's antialiased bicubic."""
+    if max(box[2] - box[0], box[3] - box[1]) > BILINEAR_SHRINK * size:
+        return np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, box=box))
+    # The pixels the box reaches, and one more on each side: positions stay in the int16 range of OpenCV's maps.
+    left, top = max(math.floor(box[0]) - 1, 0), max(math.floor(box[1]) - 1, 0)
+    window = pixels[top:math.ceil(box[3]) + 2, left:math.ceil(box[2]) + 2]
+    (x, x_fraction), (y, y_fraction) = (_fixed_centers(box[0] - left, box[2] - left, size),
+                                        _fixed_centers(box[1] - top, box[3] - top, size))
+    xy = np.empty((size, size, 2), np.int16)
+    xy[:, :, 0], xy[:, :, 1] = x, y[:, None]
+    fractions = y_fraction[:, None] * cv2.INTER_TAB_SIZE + x_fraction
+    return cv2.remap(window, xy, fractions, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _fixed_centers(start: float, end: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the centers of ``size`` pixels spanning [``start``, ``end``) (px) fall among source pixels (pixel i
+    centered at i), rounded to 1/32 px: (int16 [size] the source pixel at or before each, uint16 [size] the 32nds of a
+    pixel beyond it)."""
+    centers = start + (np.arange(size) + 0.5) * ((end - start) / size) - 0.5
+    fixed = np.rint(centers * cv2.INTER_TAB_SIZE).astype(np.int32)
+    return (fixed >> cv2.INTER_BITS).astype(np.int16), (fixed & cv2.INTER_TAB_SIZE - 1).astype(np.uint16)
 
 
 def _jpeg_source(data: bytes, pre: Preprocess) -> JpegSource | None:
@@ -418,13 +454,16 @@ def render(image: Image.Image | JpegSource, geometry: dict, size: int) -> np.nda
     Scaled method (a :class:`JpegSource`): with M = :func:`jpeg_scale` of the view's box, i.e. the smallest M in
     1..8 with M/8 x the box's shorter side >= ``size``, a view with M <= 7 (a box at least 8/7 x ``size`` px on
     its shorter side) is rendered from the JPEG decoded by libjpeg-turbo in the DCT domain at scale M/8: the box,
-    mapped into the stored (not yet EXIF-oriented) image and scaled by M/8, is resampled (bicubic) straight to
-    ``size`` x ``size``, then oriented, then mirrored if flipped. Its pixels differ from the full method's (the
-    reduced decode low-passes in the DCT domain; the last resample never enlarges, and shrinks the box's shorter
-    side by less than M/(M-1) for M >= 2), so the method is recorded. Every other view (M = 8), every image that is
-    not a JPEG in mode RGB or L (Pillow's format JPEG, so not MPO; not CMYK) and every JPEG whose reduced decode
-    fails (it is strict: recoverable corruption fails it too) is rendered from the whole decode exactly as the full
-    method renders it, bit for bit."""
+    mapped into the stored (not yet EXIF-oriented) image and scaled by M/8, is resampled straight to ``size`` x
+    ``size`` (:func:`_resample`), then oriented, then mirrored if flipped. The last resample never enlarges, and
+    shrinks the box's shorter side by less than M/(M-1) for M >= 2: by less than 5/4 for M >= 5, e.g. every reduced
+    view of an ImageNet-sized photograph at 224 px. A box shrunk by at most 5/4 on both sides is resampled
+    bilinearly without antialiasing (the reduced decode is already low-passed to its own pixel grid, and such a
+    shrink folds back at most the top fifth of that band), any other by Pillow's antialiased bicubic. Its pixels
+    differ from the full method's, so the method is recorded. Every other view (M = 8), every image that is not a
+    JPEG in mode RGB or L (Pillow's format JPEG, so not MPO; not CMYK) and every JPEG whose reduced decode fails (it
+    is strict: recoverable corruption fails it too) is rendered from the whole decode exactly as the full method
+    renders it, bit for bit."""
     if isinstance(image, JpegSource):
         return image.render(geometry, size)
     return _render_full(image, geometry, size)
