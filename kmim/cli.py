@@ -1,4 +1,4 @@
-"""The ``kmim`` command line: run | fit | verify | publish | eval | train."""
+"""The ``kmim`` command line: run | fit | verify | report | publish | serve | eval | train."""
 
 from __future__ import annotations
 
@@ -205,6 +205,27 @@ def verify(root: str = typer.Argument(..., help="dataset directory or URL (s3://
 
 
 @app.command()
+def report(root: str = typer.Argument(..., help="dataset directory or URL (any fsspec URL)"),
+           out: Path = typer.Option(..., "--out", help="report directory: index.html and assets/ are written there"),
+           samples: int = typer.Option(12, min=0, help="samples whose token maps are shown (every stored view)"),
+           per_code: int = typer.Option(8, min=1, help="patches shown per code"),
+           max_codes: int | None = typer.Option(None, min=0, help="show only the most used codes (default: all)"),
+           max_images: int = typer.Option(512, min=1, help="samples scanned for the gallery and the token maps "
+                                          "(bounds time and reads)"),
+           weights: str | None = typer.Option(None, help="a learned extractor's weights file, to rank patches by "
+                                              "distance (default: the local caches)"),
+           storage_option: list[str] | None = typer.Option(None, "--storage-option", help=_STORAGE_HELP)) -> None:
+    """Write a static HTML report of a dataset's tokenizer: codebook gallery, token maps, code usage, TCAS,
+    token-by-class matrix, k-means curve."""
+    from kmim.report import build_report
+
+    with _reported(OSError, ValueError):
+        index = build_report(root, out, storage_options=_storage_options(storage_option), samples=samples,
+                             per_code=per_code, max_codes=max_codes, max_images=max_images, weights=weights)
+    console.print(escape(f"report: {index}"))
+
+
+@app.command()
 def publish(src: Path = typer.Argument(..., help="committed local dataset directory"),
             url: str = typer.Argument(..., help="destination: s3://bucket/prefix, gs://..., any fsspec URL or "
                                       "a directory"),
@@ -219,6 +240,32 @@ def publish(src: Path = typer.Argument(..., help="committed local dataset direct
     with _reported(PublishError, UploadError, OSError):
         summary = publish_dataset(src, url, _storage_options(storage_option), workers=workers)
     console.print(_report_table(summary, "publish summary"))
+
+
+@app.command()
+def serve(root: str = typer.Argument(..., help="dataset directory or URL (any fsspec URL)"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on; not loopback only with --allow-remote"),
+          port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free one)"),
+          report: Path | None = typer.Option(None, help="serve this report directory (kmim report --out) instead "
+                                             "of building one at start"),
+          allow_remote: bool = typer.Option(False, "--allow-remote", help="allow a --host other than loopback: "
+                                            "whoever reaches it reads the dataset, over plain HTTP"),
+          token: str | None = typer.Option(None, envvar="KMIM_SERVE_TOKEN", show_default=False,
+                                           help="require 'Authorization: Bearer TOKEN' on every request (better "
+                                                "set in the environment: a flag shows in the process list)"),
+          storage_option: list[str] | None = typer.Option(None, "--storage-option", help=_STORAGE_HELP)) -> None:
+    """Serve a dataset read-only over HTTP: its report at /, its manifest-listed files under /data/ (Range, ETag),
+    to stream with TokenDataset("http://HOST:PORT/data/")."""
+    from kmim.serve.server import is_loopback
+    from kmim.serve.server import serve as serve_dataset
+
+    if allow_remote and not is_loopback(host):
+        console.print(f"[yellow]warning:[/yellow] listening on {escape(host)}: anyone who reaches it reads the "
+                      "dataset over plain HTTP (no TLS)" + ("" if token else ", and no token is required"))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with _reported(ValueError, OSError):
+        serve_dataset(root, host=host, port=port, report=report, token=token,
+                      storage_options=_storage_options(storage_option), allow_remote=allow_remote)
 
 
 @eval_app.command("tokenizer")

@@ -9,3 +9,11 @@ PY=${PYTHON:-python3}
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
+# The report's browser test renders it in headless Chromium, from Debian's package (never a downloaded build).
+if [ -n "$extra" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup.sh: not root, Chromium not installed (apt-get install chromium; or KMIM_SKIP_BROWSER=1)" >&2
+  fi
+fi

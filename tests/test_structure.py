@@ -5,6 +5,9 @@
 - ``kmim.datasets`` (the dataset contract) imports nothing from ``kmim.tokenizers``, ``kmim.pipeline``,
   ``kmim.trainer``;
 - ``kmim.pipeline`` and ``kmim.trainer`` never import each other;
+- ``kmim.report`` (the HTML report) imports neither ``kmim.pipeline`` nor ``kmim.trainer``;
+- ``kmim.serve`` imports neither ``kmim.tokenizers``, ``kmim.pipeline`` nor ``kmim.trainer``; only the CLI imports
+  it;
 - no function in kmim is longer than a screen (60 lines).
 
 An edge ``a -> b`` is an ``import`` / ``from ... import`` statement in module ``a`` naming module ``b`` (or a name
@@ -142,6 +145,20 @@ def test_datasets_do_not_import_the_upper_floors(graph: dict[str, set[str]]) -> 
 def test_pipeline_and_trainer_are_independent(graph: dict[str, set[str]]) -> None:
     edges = _edges(graph, "kmim.pipeline", ("kmim.trainer",)) + _edges(graph, "kmim.trainer", ("kmim.pipeline",))
     assert not edges, "kmim.pipeline and kmim.trainer must not import each other:\n  " + "\n  ".join(edges)
+
+
+def test_serve_is_a_leaf(graph: dict[str, set[str]]) -> None:
+    edges = _edges(graph, "kmim.serve", ("kmim.tokenizers", "kmim.pipeline", "kmim.trainer"))
+    edges += [f"{a} -> {b}" for a in sorted(graph) if not (_in(a, "kmim.serve") or a == "kmim.cli")
+              for b in sorted(graph[a]) if _in(b, "kmim.serve")]
+    assert not edges, ("kmim.serve (the HTTP server) must not import kmim.tokenizers, kmim.pipeline or kmim.trainer, "
+                       "and only kmim.cli may import it:\n  " + "\n  ".join(edges))
+
+
+def test_report_reads_only_the_contract_and_the_tokenizers(graph: dict[str, set[str]]) -> None:
+    edges = _edges(graph, "kmim.report", ("kmim.pipeline", "kmim.trainer"))
+    assert not edges, ("kmim.report may import the dataset contract and the tokenizers, not kmim.pipeline or "
+                       "kmim.trainer:\n  " + "\n  ".join(edges))
 
 
 MAX_FUNCTION_LINES = 60

@@ -28,13 +28,16 @@ class ShardStore:
         self.verify, self.cache_dir, self.cache_bytes = verify, cache_dir, cache_bytes
         self._fs: fsspec.AbstractFileSystem | None = None
         self._path = ""
+        self._pid = 0  # the process that opened _fs
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fs": None}  # filesystems are reopened per worker process
 
     def _filesystem(self) -> fsspec.AbstractFileSystem:
-        if self._fs is None:
+        # A forked DataLoader worker inherits _fs without pickling; async filesystems (HTTP, S3) refuse a fork's use.
+        if self._fs is None or self._pid != os.getpid():
             self._fs, self._path = fsspec.core.url_to_fs(self.root, **self.storage_options)
+            self._pid = os.getpid()
         return self._fs
 
     def _problem(self, name: str, data: bytes) -> str | None:
