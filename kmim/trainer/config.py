@@ -13,7 +13,27 @@ from kmim.trainer.objectives import decoder_config
 from kmim.trainer.vit import ViTConfig, vit_config
 
 
-class TrainConfig(BaseModel):
+class RunSettings(BaseModel):
+    """Settings every training-style run shares (``kmim train``, ``kmim eval finetune``): loading, device, logging,
+    checkpoints and resume. Only ``shuffle_window`` is material (it shapes the sample order)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    workers: int = Field(0, ge=0, json_schema_extra=NOT_MATERIAL, description="DataLoader worker processes per rank")
+    shuffle_window: int = Field(4096, ge=1, description="samples shuffled together (see the loader)")
+    verify: bool = Field(True, json_schema_extra=NOT_MATERIAL, description="check each shard's sha256 on read")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda)$", json_schema_extra=NOT_MATERIAL,
+                        description="auto | cpu | cuda; auto = CUDA if available")
+    amp: bool = Field(True, json_schema_extra=NOT_MATERIAL, description="bf16 autocast on CUDA (no effect on CPU)")
+    log_every: int = Field(10, ge=1, json_schema_extra=NOT_MATERIAL, description="steps between metrics.jsonl lines")
+    checkpoint_every: int | None = Field(None, ge=1, json_schema_extra=NOT_MATERIAL,
+                                         description="steps between checkpoints; default: each epoch (always at "
+                                                     "the end)")
+    resume: bool = Field(False, json_schema_extra=NOT_MATERIAL,
+                         description="continue from the run directory's latest checkpoint")
+
+
+class TrainConfig(RunSettings):
     """Settings of one ``kmim train``. Field names are the CLI flags with dashes turned into underscores.
 
     Steps are optimizer steps; one step consumes ``accum_steps`` micro-batches of ``batch_size`` images on
@@ -24,8 +44,6 @@ class TrainConfig(BaseModel):
     or how fast the run computes, what it logs and when it checkpoints, or where it stops. ``data`` is not
     material: a resumed run checks the dataset's tokenizer_id instead, so the dataset may move.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     data: str = Field(description="dataset directory or fsspec URL (a committed kmim dataset)",
                       json_schema_extra=NOT_MATERIAL)
@@ -75,18 +93,6 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases, norms, tokens)")
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 = no clipping")
     seed: int = Field(0, ge=0, description="seed of the initialization, the sample order and the masks")
-    workers: int = Field(0, ge=0, json_schema_extra=NOT_MATERIAL, description="DataLoader worker processes per rank")
-    shuffle_window: int = Field(4096, ge=1, description="samples shuffled together (see the loader)")
-    verify: bool = Field(True, json_schema_extra=NOT_MATERIAL, description="check each shard's sha256 on read")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda)$", json_schema_extra=NOT_MATERIAL,
-                        description="auto | cpu | cuda; auto = CUDA if available")
-    amp: bool = Field(True, json_schema_extra=NOT_MATERIAL, description="bf16 autocast on CUDA (no effect on CPU)")
-    log_every: int = Field(10, ge=1, json_schema_extra=NOT_MATERIAL, description="steps between metrics.jsonl lines")
-    checkpoint_every: int | None = Field(None, ge=1, json_schema_extra=NOT_MATERIAL,
-                                         description="steps between checkpoints; default: each epoch (always at "
-                                                     "the end)")
-    resume: bool = Field(False, json_schema_extra=NOT_MATERIAL,
-                         description="continue from the run directory's latest checkpoint")
     sample_log: bool = Field(False, json_schema_extra=NOT_MATERIAL,
                              description="audit: each rank appends the sample ids it trained on to "
                                          "samples.rank<R>.jsonl")
@@ -154,15 +160,13 @@ def load_train_config(path: str | Path | None = None, overrides: dict | None = N
     return load_config(path, overrides, TrainConfig)
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(RunSettings):
     """Settings of one ``kmim eval finetune``: the MAE / BEiT fine-tuning recipe (AdamW with layer-wise lr decay,
     warmup + cosine, label smoothing, drop path, random-resized-crop + flip), scaled to the pre-trained model.
 
     Material settings (checked on ``--resume``) are the recipe and the sample order; the data, run and pre-trained
     run paths and how or where the run computes are not.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     checkpoint: str = Field(description="pre-trained run directory (`kmim train --out`); its latest checkpoint's "
                                         "encoder initializes the model", json_schema_extra=NOT_MATERIAL)
@@ -192,18 +196,6 @@ class FinetuneConfig(BaseModel):
     flip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
     grad_clip: float = Field(0.0, ge=0, description="max global gradient norm; 0 = no clipping (MAE)")
     seed: int = Field(0, ge=0, description="seed of the head, the sample order, crops and drop path")
-    shuffle_window: int = Field(4096, ge=1, description="samples shuffled together (see the loader)")
-    workers: int = Field(0, ge=0, json_schema_extra=NOT_MATERIAL, description="DataLoader worker processes per rank")
-    verify: bool = Field(True, json_schema_extra=NOT_MATERIAL, description="check each shard's sha256 on read")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda)$", json_schema_extra=NOT_MATERIAL,
-                        description="auto | cpu | cuda; auto = CUDA if available")
-    amp: bool = Field(True, json_schema_extra=NOT_MATERIAL, description="bf16 autocast on CUDA (no effect on CPU)")
-    log_every: int = Field(10, ge=1, json_schema_extra=NOT_MATERIAL, description="steps between metrics.jsonl lines")
-    checkpoint_every: int | None = Field(None, ge=1, json_schema_extra=NOT_MATERIAL,
-                                         description="steps between checkpoints; default: each epoch (always at "
-                                                     "the end)")
-    resume: bool = Field(False, json_schema_extra=NOT_MATERIAL,
-                         description="continue from the run directory's latest checkpoint")
 
     @model_validator(mode="after")
     def _check_lr(self) -> FinetuneConfig:

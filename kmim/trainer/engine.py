@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -381,14 +381,19 @@ class Progress:
         return summary
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training as configured; returns a summary on every rank. See the module docstring."""
-    d = setup_distributed(cfg.device)
+def distributed(device: str, body: Callable[[Dist], dict]) -> dict:
+    """``body(Dist)`` in the process group :func:`setup_distributed` joins, left afterwards however body ends."""
+    d = setup_distributed(device)
     try:
-        return _train(cfg, d)
+        return body(d)
     finally:
         if d.world > 1:
             dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training as configured; returns a summary on every rank. See the module docstring."""
+    return distributed(cfg.device, lambda d: _train(cfg, d))
 
 
 def _train(cfg: TrainConfig, d: Dist) -> dict:

@@ -43,12 +43,12 @@ from kmim.trainer.engine import (
     TrainError,
     check_material,
     clip_gradients,
+    distributed,
     forever,
     masking_generator,
     read_run_config,
     resume_state,
     save_state,
-    setup_distributed,
     truncate_logs,
     warmup_cosine,
     wrap_ddp,
@@ -163,12 +163,7 @@ def step_loss(ddp: torch.nn.Module, batch: dict, cfg: FinetuneConfig, d: Dist, s
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run (or resume) fine-tuning as configured; returns a summary on every rank. See the module docstring."""
-    d = setup_distributed(cfg.device)
-    try:
-        return _finetune(cfg, d)
-    finally:
-        if d.world > 1:
-            dist.destroy_process_group()
+    return distributed(cfg.device, lambda d: _finetune(cfg, d))
 
 
 def _finetune(cfg: FinetuneConfig, d: Dist) -> dict:
