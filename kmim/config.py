@@ -108,11 +108,21 @@ class JobConfig(BaseModel):
     kmeans_batch_size: int = Field(8192, ge=16, description="k-means mini-batch size")
     kmeans_workers: int | None = Field(None, ge=1, json_schema_extra=NOT_MATERIAL,
                                        description="Ray actors sampling and holding the k-means fit sample (runner "
-                                                   "ray); default: the GPUs in the cluster, else its CPUs up to 16")
+                                                   "ray); default: none (the fit runs in the driver) on a one-node "
+                                                   "cluster when the sample takes at most 2 GiB, else the GPUs in "
+                                                   "the cluster, else its CPUs up to 16")
     fit_images: int = Field(10_000, ge=1, description="images sampled for the k-means fit")
     fit_patches: int = Field(200_000, ge=2, description="patch features sampled for the k-means fit")
+    # Not material: tokens are exact with either backend; the fast fit's backend is recorded in the codebook, and
+    # a resumed fit keeps its checkpoint's.
     assign: Literal["auto", "faiss", "torch"] = Field("auto", json_schema_extra=NOT_MATERIAL,
-                                                      description="nearest-centroid search")
+                                                      description="nearest-centroid search; also the backend of "
+                                                                  "the fast fit's float32 top-1 (auto: faiss on "
+                                                                  "CPU, torch on CUDA)")
+    fit_exact: bool = Field(False, description="k-means updates by the exact nearest centroid (a backend- and "
+                                               "device-independent fit, kmim's only one before) instead of the "
+                                               "float32 top-1 (faiss on CPU, torch on CUDA, or --assign); tokens are "
+                                               "exact nearest centroids either way")
     feature_cache: str | None = Field(None, json_schema_extra=NOT_MATERIAL,
                                       description="directory caching sampled fit features (fp16), so repeated "
                                                   "k-means experiments skip extraction")

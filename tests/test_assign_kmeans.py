@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kmim.tokenizers.assign import nearest
-from kmim.tokenizers.kmeans import fit_kmeans, kmeans_plus_plus
+from kmim.tokenizers.assign import fast_method, nearest
+from kmim.tokenizers.kmeans import fit_kmeans, kmeans_plus_plus, point_cost, summed_cost
 
 
 def brute_force(x: torch.Tensor, c: torch.Tensor, metric: str = "l2") -> torch.Tensor:
@@ -77,3 +77,59 @@ def test_spherical_kmeans_returns_unit_centroids() -> None:
     x = torch.randn(1000, 8)
     r = fit_kmeans(x, 5, epochs=2, batch_size=200, seed=0, metric="ip")
     assert torch.allclose(r.centroids.norm(dim=1), torch.ones(5), atol=1e-5)
+
+
+def mixture(n: int = 6000, d: int = 16, centers: int = 40, seed: int = 0, offset: float = 0.0) -> torch.Tensor:
+    """Overlapping Gaussian clusters [n, d], all shifted by ``offset``."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 2, (centers, d)) + offset
+    return torch.from_numpy((means[rng.integers(centers, size=n)] + rng.normal(0, 1, (n, d))).astype(np.float32))
+
+
+@pytest.mark.parametrize("method", ["faiss", "torch", "auto"])
+def test_fast_fit_reaches_the_exact_fits_inertia(method: str) -> None:
+    # Far from the origin the float32 expansion |x|^2 - 2 x.c + |c|^2 loses digits: near ties flip in the fast fit.
+    x = mixture(offset=300.0)
+    kw = {"epochs": 4, "batch_size": 1024, "seed": 0, "method": method, "init_size": 4096}  # the same seeding
+    exact, fast = fit_kmeans(x, 32, **kw), fit_kmeans(x, 32, exact=False, **kw)
+    assert exact.assign == "exact" and fast.assign == ("faiss" if method == "auto" else method)
+    assert abs(fast.inertia - exact.inertia) <= 0.005 * exact.inertia
+    # its own final pass measured the cost of its centroids, up to the near ties its float32 top-1 got wrong
+    idx, _ = nearest(x, fast.centroids)
+    assert fast.inertia == pytest.approx(float(((x.double() - fast.centroids.double()[idx]) ** 2).sum()), rel=1e-4)
+
+
+def test_fast_fit_is_deterministic_for_a_backend() -> None:
+    x = mixture(seed=1)
+    a = fit_kmeans(x, 16, epochs=3, batch_size=512, seed=2, method="torch", exact=False)
+    b = fit_kmeans(x, 16, epochs=3, batch_size=512, seed=2, method="torch", exact=False)
+    assert torch.equal(a.centroids, b.centroids) and a.history == b.history
+
+
+def test_exact_fit_is_unchanged_by_the_fast_mode() -> None:
+    # the exact fit (kmim run --fit-exact) is the default of the library: one backend or the other, same bits
+    x = mixture(seed=2)
+    a = fit_kmeans(x, 16, epochs=3, batch_size=512, seed=2, method="torch")
+    b = fit_kmeans(x, 16, epochs=3, batch_size=512, seed=2, method="faiss")
+    assert torch.equal(a.centroids, b.centroids) and a.inertia == b.inertia
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_summed_cost_equals_the_per_point_costs(metric: str) -> None:
+    x = mixture(500, seed=3)
+    if metric == "ip":
+        x = x / x.norm(dim=1, keepdim=True)
+    c = x[:7].clone()
+    idx, _ = nearest(x, c, metric=metric)
+    ids, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+    sums = torch.zeros(ids.numel(), x.shape[1], dtype=torch.float64).index_add_(0, inverse, x.double())
+    counts = torch.bincount(inverse)
+    got = summed_cost((x.double() ** 2).sum(1), c[ids].double(), sums, counts, metric)
+    assert got == pytest.approx(float(point_cost(x, c, idx, metric).sum()), rel=1e-10)
+
+
+def test_fast_search_is_a_fixed_backend() -> None:
+    # not a timing: two fits with the same settings on one machine must not differ by what a timing picked
+    assert fast_method("cpu") == "faiss" and fast_method("cuda") == "torch"
+    x, c = torch.randn(300, 8), torch.randn(20, 8)
+    assert torch.equal(nearest(x, c, exact=False)[0], nearest(x, c, exact=False, method="faiss")[0])

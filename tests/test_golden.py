@@ -2,7 +2,9 @@
 behaviour (issue: "no behaviour change, proven by byte-identical outputs").
 
 CIFAR-sized input (600 generated 32 x 32 images in 10 classes, stored as PPM so no image encoder's version enters
-the bytes), pixel extractor, local runner. The parquet indexes are left out: pyarrow writes its version into them.
+the bytes), pixel extractor, local runner, the exact k-means fit (``fit_exact``: backend-independent, so the bytes
+are the same on every machine, and the same as before the fast fit existed; the default fast fit depends on the
+backend). The parquet indexes are left out: pyarrow writes its version into them.
 If an intended change alters the outputs, rerun with ``KMIM_GOLDEN_PRINT=1`` and paste the printed digests.
 """
 
@@ -44,7 +46,7 @@ def test_a_fixed_job_writes_the_same_bytes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_job(load_config(None, job_overrides(out=str(out), input=str(images), image_size=32, patch_size=4, k=64,
                                             shard_size=200, kmeans_epochs=5, kmeans_batch_size=1024,
-                                            fit_patches=20_000)))
+                                            fit_patches=20_000, fit_exact=True)))
     got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
            if p.suffix in (".tar", ".safetensors", ".json") and p.name != "job.json"}
     if os.environ.get("KMIM_GOLDEN_PRINT"):

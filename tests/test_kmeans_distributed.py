@@ -13,6 +13,7 @@ from conftest import job_overrides
 from kmim.config import load_config
 from kmim.datasets.codebook import Codebook
 from kmim.datasets.manifest import CODEBOOK
+from kmim.pipeline import fit as fit_module
 from kmim.pipeline.fit import fit_kmeans_ray, subsample
 from kmim.pipeline.job import _fit_codebook
 from kmim.pipeline.sources import plan_inputs
@@ -137,7 +138,7 @@ def test_subsample_keeps_sorted_rows_of_each_part() -> None:
 def test_job_fit_on_ray_actors_gives_the_local_codebook(image_folder: Path, tmp_path: Path, ray_local) -> None:
     def fit(name: str, **kw) -> Codebook:
         cfg = load_config(None, job_overrides(out=str(tmp_path / name), input=str(image_folder), fit_images=256,
-                                              kmeans_batch_size=128, **kw))
+                                              kmeans_batch_size=128, fit_exact=True, **kw))
         (tmp_path / name).mkdir()
         book = _fit_codebook(cfg, plan_inputs(source_spec(cfg))[0], tmp_path / name / CODEBOOK, gpus=0)
         assert not (tmp_path / name / "kmeans-checkpoint").exists()
@@ -154,3 +155,78 @@ def test_job_fit_on_ray_actors_gives_the_local_codebook(image_folder: Path, tmp_
     ray32 = fit("ray32", runner="ray", kmeans_workers=2, fit_patches=30)
     assert ray32.metadata == local32.metadata and ray32.metadata["kmeans"]["fit_points"] == 30
     assert torch.allclose(ray32.centroids, local32.centroids, rtol=0, atol=1e-5)
+
+
+def test_fast_distributed_fit_uses_one_backend_and_matches_in_process(ray_local) -> None:
+    x = blobs(seed=4)
+    local = fit_kmeans(x, K, epochs=EPOCHS, batch_size=BATCH, seed=7, exact=False, method="torch")
+    dist = fit_kmeans_ray(chunks(ray_local, x, [700, 900]), K, workers=2, epochs=EPOCHS, batch_size=BATCH, seed=7,
+                          exact=False, method="torch")
+    assert local.assign == dist.assign == "torch"
+    assert abs(dist.inertia - local.inertia) <= 0.005 * local.inertia
+    auto = fit_kmeans_ray(chunks(ray_local, x, [700, 900]), K, workers=2, epochs=EPOCHS, batch_size=BATCH, seed=7,
+                          exact=False)
+    assert auto.assign == "faiss"  # on the CPU, whatever a timing would say
+
+
+def test_fast_fit_resumes_bit_identical_on_its_backend(tmp_path: Path, caplog) -> None:
+    x = blobs(seed=5)
+    kw = {"epochs": EPOCHS, "batch_size": BATCH, "seed": 5, "exact": False}
+    straight = fit_kmeans(x, K, **kw)
+    with pytest.raises(Crash):
+        fit_kmeans(x, K, checkpoint=tmp_path / "auto", log=crash_after(2), **kw)
+    resumed = fit_kmeans(x, K, checkpoint=tmp_path / "auto", **kw)
+    assert resumed.assign == straight.assign
+    assert torch.equal(resumed.centroids, straight.centroids) and resumed.history == straight.history
+
+    def crashed_on_torch(name: str) -> Path:
+        with pytest.raises(Crash):
+            fit_kmeans(x, K, checkpoint=tmp_path / name, log=crash_after(2), method="torch", **kw)
+        return tmp_path / name
+
+    # the recorded backend wins over a fresh choice ...
+    epochs_run: list[int] = []
+    again = fit_kmeans(x, K, checkpoint=crashed_on_torch("torch"), log=lambda s: epochs_run.append(s["epoch"]), **kw)
+    assert again.assign == "torch" and epochs_run == [3, 4]
+    # ... and another backend, or the exact fit, never reuses the checkpoint
+    for other in ({"method": "faiss"}, {"exact": True}):
+        with caplog.at_level(logging.WARNING, logger="kmim"):
+            again = fit_kmeans(x, K, checkpoint=crashed_on_torch(str(other)), **{**kw, **other})
+        assert "ignoring k-means checkpoint" in caplog.text
+        assert torch.equal(again.centroids, fit_kmeans(x, K, **{**kw, **other}).centroids)
+        caplog.clear()
+
+
+def _job_fit(image_folder: Path, out: Path, **kw) -> Codebook:
+    cfg = load_config(None, job_overrides(out=str(out), input=str(image_folder), fit_images=256,
+                                          kmeans_batch_size=128, **kw))
+    out.mkdir()
+    return _fit_codebook(cfg, plan_inputs(source_spec(cfg))[0], out / CODEBOOK, gpus=0)
+
+
+def test_small_ray_fit_runs_in_the_driver(image_folder: Path, tmp_path: Path, ray_local, monkeypatch) -> None:
+    def no_actors(*args, **kwargs):
+        raise AssertionError("a small fit on a one-node cluster must not start k-means actors")
+
+    local = _job_fit(image_folder, tmp_path / "local")
+    monkeypatch.setattr(fit_module, "RayData", no_actors)
+    ray = _job_fit(image_folder, tmp_path / "ray", runner="ray")  # features sampled by Ray tasks
+    assert ray.tokenizer_id == local.tokenizer_id
+    assert ray.metadata["kmeans"]["fast_assign"] == ("torch" if torch.cuda.is_available() else "faiss")
+
+
+def test_large_ray_fit_runs_on_actors(image_folder: Path, tmp_path: Path, ray_local, monkeypatch) -> None:
+    built: list[int] = []
+
+    class Spy(fit_module.RayData):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(len(self.actors))
+
+    local = _job_fit(image_folder, tmp_path / "local", fit_exact=True)
+    monkeypatch.setattr(fit_module, "RayData", Spy)
+    monkeypatch.setattr(fit_module, "DRIVER_FIT_BYTES", 0)  # every sample is too large for the driver
+    ray = _job_fit(image_folder, tmp_path / "ray", runner="ray", fit_exact=True)
+    assert built == [2]  # one actor per CPU of the test cluster
+    assert "fast_assign" not in ray.metadata["kmeans"]
+    assert torch.allclose(ray.centroids, local.centroids, rtol=0, atol=1e-5)

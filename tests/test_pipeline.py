@@ -79,8 +79,10 @@ def test_local_run_end_to_end_with_bad_inputs(image_folder: Path, tmp_path: Path
     assert {s: statuses[s] for s in expected} == expected
     assert sum(v == "ok" for v in statuses.values()) == 40
     assert verify_dataset(out) == []
-    # every sample: image bytes as given, tokens = brute-force nearest centroid of its exact view
+    # every sample: image bytes as given, tokens = brute-force nearest centroid of its exact view, although the
+    # default fit moved the centroids by the float32 top-1
     book = load_codebook(out / "codebook.safetensors")
+    assert book.metadata["kmeans"]["fast_assign"] == ("torch" if torch.cuda.is_available() else "faiss")
     extractor = PixelExtractor(8)
     keys = set()
     for e in manifest["shards"]:
@@ -280,3 +282,35 @@ def test_codebook_from_other_extractor_settings_is_refused(image_folder: Path, t
     stage = tokenize_stage(cfg, str(tmp_path / "a" / "codebook.safetensors"), str(tmp_path / "b"))
     with pytest.raises(ValueError, match="norm_pix"):
         stage(plan_inputs(source_spec(cfg))[0][0])
+
+
+def test_fit_report_and_codebook_record_the_fit_assignment(image_folder: Path, tmp_path: Path) -> None:
+    from kmim.pipeline.job import FIT_REPORT, fit_job
+
+    for exact in (False, True):
+        out = tmp_path / f"exact-{exact}"
+        fit_job(load_config(None, job_overrides(out=str(out), input=str(image_folder), fit_exact=exact)))
+        report = json.loads((out / FIT_REPORT).read_text())
+        kmeans = load_codebook(out / "codebook.safetensors").metadata["kmeans"]
+        # an exact fit's codebook records nothing new: it is the codebook kmim wrote before the fast fit existed
+        assert kmeans.get("fast_assign", "exact") == report["fit_assign"]
+        assert (report["fit_assign"] == "exact") == exact
+
+
+@pytest.mark.parametrize("settings", [{}, {"norm_pix": True, "normalize": "none"}, {"views": 3, "patch_size": 4}])
+def test_pixel_fit_sample_extracts_only_the_drawn_patches(image_folder: Path, tmp_path: Path, settings: dict) -> None:
+    from kmim.pipeline.sources import plan_inputs
+    from kmim.pipeline.specs import fit_sample, source_spec
+    from kmim.pipeline.stages import _decoded, sample_key
+    from kmim.tokenizers.extractors import build_extractor
+
+    cfg = load_config(None, job_overrides(out=str(tmp_path), input=str(image_folder), fit_patches=500, **settings))
+    sample = fit_sample(cfg, plan_inputs(source_spec(cfg))[0])
+    stage, shard = sample.sampler, sample.shards[0]
+    decoded = [(raw, v) for raw, v, _ in _decoded(shard, stage.decode) if v is not None]
+    views, keys = [v for _, v in decoded], [sample_key(raw.source) for raw, _ in decoded]
+    extractor = build_extractor(stage.extractor)
+    cut = stage._pixel_patches(extractor, views, keys)
+    # the same values as the drawn patches' features in their whole views
+    assert cut.shape[0] == len(views) * stage.patches and np.array_equal(cut, stage._features(extractor, views, keys))
+    assert np.array_equal(stage(shard), cut)

@@ -1,19 +1,21 @@
 """Fit the codebook: sample patch features from input shards, then mini-batch k-means, in-process or on Ray.
 
-On Ray the fit sample never passes through the driver: sampling tasks leave each shard's features in the
-object store, and k-means actors (:class:`PartitionWorker`) each load a contiguous run of shards, i.e. a
-contiguous range of the global point index (the concatenation in input-shard order, whatever the number
-of actors). Every step the driver broadcasts the centroids once, each actor returns the per-centroid sums
-and counts of its share of the mini-batch, and the driver runs the same update as the in-process fit
-(:func:`kmim.tokenizers.kmeans.run_minibatch`): 1 or N actors or none give the same centroids up to
-float64 rounding of the sums.
+A small fit sample (:func:`fits_in_driver`: one node, at most :data:`DRIVER_FIT_BYTES`) is fitted in one
+process, also on Ray: Ray tasks sample the shards (warming the workers that tokenize next) and the driver
+fits without a round trip per step. Otherwise, on Ray, the fit sample never passes through the driver:
+k-means actors (:class:`PartitionWorker`) each sample and hold a contiguous run of shards, i.e. a contiguous
+range of the global point index (the concatenation in input-shard order, whatever the number of actors).
+Every step the driver broadcasts the centroids once, each actor returns the per-centroid sums and counts of
+its share of the mini-batch (a few milliseconds of Ray per step), and the driver runs the same update as the
+in-process fit (:func:`kmim.tokenizers.kmeans.run_minibatch`): 1 or N actors or none give the same centroids
+up to float64 rounding of the sums (and, in the fast fit, up to the float32 near ties a share decides).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,10 @@ from kmim.tokenizers.kmeans import (
 )
 from kmim.tokenizers.learned import torch_device
 
+# The largest fit sample (float32 features before subsampling, see :func:`sample_bytes`) that the Ray runner
+# gathers in its driver on a single-node cluster, where one process fits without a round trip per step.
+DRIVER_FIT_BYTES = 2 << 30
+
 
 class FitError(RuntimeError):
     """The fit sample could not be built (a shard failed, or too few features)."""
@@ -46,15 +52,18 @@ class FitError(RuntimeError):
 @dataclass(frozen=True)
 class FitSpec:
     """The k-means fit: ``k`` centroids, ``epochs`` passes over the fit sample in mini-batches of ``batch_size``
-    points, seeded by ``seed``, nearest-centroid search ``assign``; run by ``runner``: ``local`` on ``device``
-    (resolved; None: CUDA when available), or ``ray`` with ``workers`` actors (None: one per GPU, else one per
-    CPU up to 16) on the cluster at ``ray_address`` (None: RAY_ADDRESS, else an embedded one)."""
+    points, seeded by ``seed``, nearest-centroid search ``assign``, mini-batch updates by the exact nearest
+    centroid when ``exact``, else by the float32 top-1; run by ``runner``: ``local`` on ``device`` (resolved;
+    None: CUDA when available), or ``ray`` on the cluster at ``ray_address`` (None: RAY_ADDRESS, else an embedded
+    one): in the driver when the sample is small and the cluster one node and ``workers`` is None, else with
+    ``workers`` actors (None: one per GPU, else one per CPU up to 16)."""
 
     k: int
     epochs: int
     batch_size: int
     seed: int
     assign: str
+    exact: bool
     runner: str
     device: str | None
     workers: int | None
@@ -123,9 +132,9 @@ class PartitionWorker:
     Filled part by part (:meth:`add_chunk`, :meth:`add_shard`; calls run in submission order), then
     :meth:`build` keeps the sampled rows and fixes the range's global offset."""
 
-    def __init__(self, metric: str, method: str, threads: int, device: str) -> None:
+    def __init__(self, metric: str, method: str, threads: int, device: str, exact: bool = True) -> None:
         torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)))))
-        self.metric, self.method = metric, method
+        self.metric, self.method, self.exact = metric, method, exact
         # An actor without a GPU of its own stays on the CPU even on a GPU node, where it could see every GPU.
         self.device = torch_device(device)
         self.parts: list[np.ndarray] = []
@@ -147,8 +156,12 @@ class PartitionWorker:
         parts = [_kept(p, k) for p, k in zip(self.parts, keep, strict=True)]
         self.parts = []
         x = torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
-        self.part = Partition(x, offset, metric=self.metric, method=self.method, device=self.device)
+        self.part = Partition(x, offset, metric=self.metric, method=self.method, device=self.device,
+                              exact=self.exact)
         return [part_digest(p) for p in parts], x.shape[1]
+
+    def fast_method(self, stored: str | None) -> str:
+        return self.part.fast_method(stored)
 
     def rows(self, local_idx: torch.Tensor) -> torch.Tensor:
         return self.part.rows(local_idx)
@@ -156,11 +169,25 @@ class PartitionWorker:
     def start_epoch(self, order: np.ndarray) -> None:
         self.part.start_epoch(torch.from_numpy(np.array(order)))  # Ray hands arrays over read-only
 
-    def step(self, centroids: torch.Tensor, start: int, stop: int, candidates: int) -> StepStats:
-        return self.part.step(centroids, start, stop, candidates)
+    def step(self, centroids: np.ndarray, start: int, stop: int, candidates: int) -> StepStats:
+        """:meth:`Partition.step` with centroids float32 [K, D] and the statistics' tensors as NumPy arrays."""
+        return _on_wire(self.part.step(torch.tensor(centroids), start, stop, candidates))
 
-    def evaluate(self, centroids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
-        return self.part.evaluate(centroids, chunk)
+    def evaluate(self, centroids: np.ndarray, chunk: int) -> tuple[float, torch.Tensor]:
+        return self.part.evaluate(torch.tensor(centroids), chunk)
+
+
+def _on_wire(stats: StepStats) -> StepStats:
+    """The statistics with NumPy arrays for tensors: Ray ships arrays as buffers, tensors through torch.save (a
+    millisecond or more per step)."""
+    return replace(stats, **{f.name: getattr(stats, f.name).numpy() for f in fields(stats)
+                             if isinstance(getattr(stats, f.name), torch.Tensor)})
+
+
+def _off_wire(stats: StepStats) -> StepStats:
+    """:func:`_on_wire` undone (copies: Ray hands arrays over read-only)."""
+    return replace(stats, **{f.name: torch.tensor(getattr(stats, f.name)) for f in fields(stats)
+                             if isinstance(getattr(stats, f.name), np.ndarray)})
 
 
 class RayData:
@@ -168,13 +195,15 @@ class RayData:
 
     ``items`` in global order are object refs of float32 [n_i, D] arrays, or (with ``sample``) input shards
     whose fit features each actor samples itself; then at most ``sample.limit`` points are kept, drawn by
-    ``sample.seed``. Each of the ``workers`` actors gets a contiguous run of items. Ray must be
-    initialized. Use as a context manager (kills the actors).
+    ``sample.seed``. Each of the ``workers`` actors gets a contiguous run of items; ``exact`` as in
+    :class:`kmim.tokenizers.kmeans.Partition`. Ray must be initialized. Use as a context manager (kills the actors).
     """
 
     def __init__(self, items: Sequence[Any], *, workers: int, metric: str = "l2", method: str = "auto",
-                 sample: FitSample | None = None, gpu: bool = False) -> None:
+                 sample: FitSample | None = None, gpu: bool = False, exact: bool = True) -> None:
         import ray
+
+        self.exact = exact
 
         runs = [r for r in np.array_split(np.arange(len(items)), min(workers, len(items))) if r.size]
         if gpu:  # one whole GPU and its node's CPU share per actor (see runners.cpus_per_gpu)
@@ -184,7 +213,7 @@ class RayData:
             cpus = float(ray.cluster_resources().get("CPU", 1)) / len(runs)
             actor = ray.remote(PartitionWorker).options(num_cpus=min(cpus, 1.0), num_gpus=0,
                                                         scheduling_strategy="SPREAD", max_restarts=0)
-        self.actors = [actor.remote(metric, method, max(1, int(cpus)), "cuda" if gpu else "cpu") for _ in runs]
+        self.actors = [actor.remote(metric, method, max(1, int(cpus)), "cuda" if gpu else "cpu", exact) for _ in runs]
         rows = self._fill(items, runs, sample)
         keep = subsample(rows, sample.limit, sample.seed) if sample is not None else [None] * len(rows)
         kept = [n if k is None else k.size for n, k in zip(rows, keep, strict=True)]
@@ -229,6 +258,14 @@ class RayData:
         for a in self.actors:
             ray.kill(a)
 
+    def fast_method(self, stored: str | None) -> str:
+        """The first actor's choice, which every actor then uses: one backend for the whole fit."""
+        import ray
+
+        method = ray.get(self.actors[0].fast_method.remote(stored))
+        ray.get([a.fast_method.remote(method) for a in self.actors[1:]])
+        return method
+
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         import ray
 
@@ -250,23 +287,25 @@ class RayData:
     def step(self, centroids: torch.Tensor, start: int, stop: int, candidates: int) -> StepStats:
         import ray
 
-        ref = ray.put(centroids)
-        return merge_stats(ray.get([a.step.remote(ref, start, stop, candidates) for a in self.actors]), candidates)
+        ref = ray.put(centroids.numpy())
+        parts = ray.get([a.step.remote(ref, start, stop, candidates) for a in self.actors])
+        return merge_stats([_off_wire(p) for p in parts], candidates)
 
     def evaluate(self, centroids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
         import ray
 
-        ref = ray.put(centroids)
+        ref = ray.put(centroids.numpy())
         parts = ray.get([a.evaluate.remote(ref, chunk) for a in self.actors])
         return sum(total for total, _ in parts), torch.stack([used for _, used in parts]).any(0)
 
 
 def fit_kmeans_ray(chunks: Sequence[Any], k: int, *, workers: int, epochs: int, batch_size: int, seed: int,
                    metric: str = "l2", method: str = "auto", init_size: int | None = None,
-                   checkpoint: Path | None = None, log: Callable[[dict], None] | None = None) -> KMeansResult:
+                   checkpoint: Path | None = None, log: Callable[[dict], None] | None = None,
+                   exact: bool = True) -> KMeansResult:
     """:func:`kmim.tokenizers.kmeans.fit_kmeans` on the concatenation of ``chunks`` (object refs of float32
     [n_i, D]) held by ``workers`` Ray actors. Ray must be initialized."""
-    with RayData(chunks, workers=workers, metric=metric, method=method) as data:
+    with RayData(chunks, workers=workers, metric=metric, method=method, exact=exact) as data:
         return run_minibatch(data, k, epochs=epochs, batch_size=batch_size, seed=seed, metric=metric,
                              init_size=init_size, checkpoint=checkpoint, data_digest=data.digest, log_epoch=log)
 
@@ -287,23 +326,39 @@ def _too_few(points: int, k: int) -> None:
         raise FitError(f"only {points} patch features for k={k} (field 'k'): too few decodable images")
 
 
-def _fit_local(fit: FitSpec, sample: FitSample, metric: str, checkpoint: Path,
-               log: Callable[[dict], None]) -> FitOutcome:
-    """In this process; the k-means runs on the extractor's device (pixel: CUDA when available)."""
-    parts = []
-    for shard, feats, error in map_shards(shard_features, list(sample.shards), sample, runner="local",
-                                          desc="sample features"):
+def _sampled_points(sample: FitSample, runner: str, address: str | None, gpus: int) -> list[np.ndarray]:
+    """The fit sample's kept points per sampled shard, in shard order, gathered in this process: sampled here
+    (local) or by Ray tasks (ray; on the job's GPU actors when ``gpus``)."""
+    found: dict[int, np.ndarray] = {}  # by shard index: Ray tasks finish in any order
+    for shard, feats, error in map_shards(shard_features, list(sample.shards), sample, runner=runner,
+                                          address=address, gpus=gpus, desc="sample features"):
         if error is not None:
             raise FitError(f"sampling fit features from {shard.describe()} failed: {error}") from error
-        parts.append(feats)
+        found[shard.index] = feats
+    parts = [found[shard.index] for shard in sample.shards]
     keep = subsample([p.shape[0] for p in parts], sample.limit, sample.seed)
-    parts = [_kept(p, k) for p, k in zip(parts, keep, strict=True)]
+    return [_kept(p, k) for p, k in zip(parts, keep, strict=True)]
+
+
+def _kmeans_device(fit: FitSpec) -> torch.device | None:
+    """Where an in-process k-means runs (None: CUDA when this machine has it): the job's device when local; in a
+    Ray driver the CPU when the job's device is, else None (a cuda device resolved for the workers)."""
+    if fit.device is None or (fit.runner != "local" and fit.device != "cpu"):
+        return None
+    return torch_device(fit.device)
+
+
+def _fit_in_process(fit: FitSpec, sample: FitSample, metric: str, checkpoint: Path, log: Callable[[dict], None],
+                    gpus: int = 0) -> FitOutcome:
+    """The k-means in this process (on :func:`_kmeans_device`), on the fit sample gathered by
+    :func:`_sampled_points`."""
+    parts = _sampled_points(sample, fit.runner, fit.ray_address, gpus)
     x = torch.from_numpy(np.concatenate(parts))
     _too_few(x.shape[0], fit.k)
     digest = points_digest([part_digest(p) for p in parts])
-    result = fit_kmeans(x, fit.k, epochs=fit.epochs, batch_size=fit.batch_size, seed=fit.seed,
-                        metric=metric, method=fit.assign, checkpoint=checkpoint, data_digest=digest, log=log,
-                        device=torch_device(fit.device) if fit.device else None)
+    result = fit_kmeans(x, fit.k, epochs=fit.epochs, batch_size=fit.batch_size, seed=fit.seed, metric=metric,
+                        method=fit.assign, checkpoint=checkpoint, data_digest=digest, log=log,
+                        device=_kmeans_device(fit), exact=fit.exact)
     return FitOutcome(result, x.shape[0], x.shape[1], digest)
 
 
@@ -312,24 +367,42 @@ def _fit_ray(fit: FitSpec, sample: FitSample, metric: str, checkpoint: Path, log
     """On Ray actors, each sampling and holding a contiguous run of the fit sample's shards."""
     import ray
 
-    ensure_ray(fit.ray_address)
     # With GPUs, one actor per GPU; without, one single-threaded actor per CPU samples the fit features in
     # parallel (sampling is decode-bound); past ~16 actors the per-step gather costs more than it saves.
     workers = fit.workers or gpus or max(1, min(16, int(ray.cluster_resources().get("CPU", 1))))
     with RayData(sample.shards, workers=workers, metric=metric, method=fit.assign, sample=sample,
-                 gpu=gpus > 0) as data:
+                 gpu=gpus > 0, exact=fit.exact) as data:
         _too_few(data.n, fit.k)
         result = run_minibatch(data, fit.k, epochs=fit.epochs, batch_size=fit.batch_size, seed=fit.seed,
                                metric=metric, checkpoint=checkpoint, data_digest=data.digest, log_epoch=log)
         return FitOutcome(result, data.n, data.dim, data.digest)
 
 
-def fit_sample_kmeans(fit: FitSpec, sample: FitSample, *, metric: str, checkpoint: Path,
+def sample_bytes(sample: FitSample, dim: int) -> int:
+    """Upper bound of the bytes of the fit features gathered before subsampling: float32 [images x patches, dim]
+    from every sampled shard."""
+    return len(sample.shards) * sample.sampler.images * sample.sampler.patches * dim * 4
+
+
+def fits_in_driver(fit: FitSpec, sample: FitSample, dim: int) -> bool:
+    """Whether the Ray runner fits in its driver: no ``workers`` asked for, a single-node cluster, and at most
+    :data:`DRIVER_FIT_BYTES` of fit features. Ray must be initialized."""
+    import ray
+
+    return (fit.workers is None and sample_bytes(sample, dim) <= DRIVER_FIT_BYTES
+            and sum(1 for node in ray.nodes() if node.get("Alive")) == 1)
+
+
+def fit_sample_kmeans(fit: FitSpec, sample: FitSample, *, metric: str, dim: int, checkpoint: Path,
                       log: Callable[[dict], None], gpus: int = 0) -> FitOutcome:
-    """Sample the fit features and fit ``fit.k`` centroids with ``fit.runner``: in this process (local) or with
-    ``fit.workers`` Ray actors (ray; one whole GPU each when ``gpus``, the job's GPU actors, is not 0).
-    Both run the same algorithm on the same points, checkpointing every epoch into ``checkpoint`` and resuming
+    """Sample the fit features (``dim`` per point) and fit ``fit.k`` centroids with ``fit.runner``: in this
+    process (local, or Ray when :func:`fits_in_driver`: the features sampled by Ray tasks, the k-means here) or
+    with ``fit.workers`` Ray actors (one whole GPU each when ``gpus``, the job's GPU actors, is not 0).
+    All run the same algorithm on the same points, checkpointing every epoch into ``checkpoint`` and resuming
     from it. ``fit`` and ``sample`` hold resolved settings (:func:`kmim.pipeline.compute.resolve_compute`)."""
     if fit.runner == "local":
-        return _fit_local(fit, sample, metric, checkpoint, log)
+        return _fit_in_process(fit, sample, metric, checkpoint, log)
+    ensure_ray(fit.ray_address)
+    if fits_in_driver(fit, sample, dim):
+        return _fit_in_process(fit, sample, metric, checkpoint, log, gpus)
     return _fit_ray(fit, sample, metric, checkpoint, log, gpus)

@@ -143,7 +143,7 @@ def _check_codebook_settings(book: Codebook, cfg: JobConfig, where: str) -> None
     meta, kmeans = book.metadata, book.metadata.get("kmeans") or {}
     expected = {"k": (book.k, meta.get("k")), "image_size": (meta.get("image_size"),),
                 "seed": (kmeans.get("seed"),), "kmeans_epochs": (kmeans.get("epochs"),),
-                "kmeans_batch_size": (kmeans.get("batch_size"),)}
+                "kmeans_batch_size": (kmeans.get("batch_size"),), "fit_exact": ("fast_assign" not in kmeans,)}
     for field, found in expected.items():
         if any(v != getattr(cfg, field) for v in found):
             raise ConfigError(f"{where} was not fitted with these settings: field '{field}' is {found[-1]!r} there, "
@@ -224,7 +224,8 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: in
     checkpoint = path.parent / "kmeans-checkpoint"  # epochs done survive a crash; removed with the codebook
     t0 = time.perf_counter()
     try:
-        fit = fit_sample_kmeans(fit_spec(cfg), sample, metric=extractor["metric"], checkpoint=checkpoint, gpus=gpus,
+        fit = fit_sample_kmeans(fit_spec(cfg), sample, metric=extractor["metric"], dim=extractor["dim"],
+                                checkpoint=checkpoint, gpus=gpus,
                                 log=lambda s: log.info("k-means epoch %(epoch)d: inertia/point %(inertia).4f, "
                                                        "utilization %(utilization).3f", s))
     except FitError as e:
@@ -235,7 +236,8 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: in
     inertia = float(f"{result.inertia:.10g}")
     meta = {**extractor, "image_size": cfg.image_size, "k": cfg.k,
             "kmeans": {"algorithm": "minibatch", "init": "k-means++", "epochs": cfg.kmeans_epochs,
-                       "batch_size": cfg.kmeans_batch_size, "seed": cfg.seed, "fit_points": fit.points},
+                       "batch_size": cfg.kmeans_batch_size, "seed": cfg.seed, "fit_points": fit.points,
+                       **_fit_assign(result.assign)},
             "fit_sample_digest": fit.digest,
             "fit_feature_dtype": "float16" if sample.cache is not None else "float32",
             "inertia": inertia, "inertia_per_point": float(f"{inertia / fit.points:.10g}"),
@@ -249,6 +251,12 @@ def _fit_codebook(cfg: JobConfig, shards: list[InputShard], path: Path, gpus: in
     if history is not None:
         history.extend(result.history)
     return book
+
+
+def _fit_assign(assign: str) -> dict:
+    """What the codebook's k-means metadata records of the fit's assignment: nothing for the exact one (as every
+    codebook did before there was another), else ``fast_assign``, the float32 top-1's backend."""
+    return {} if assign == "exact" else {"fast_assign": assign}
 
 
 def _view_metadata(cfg: JobConfig) -> dict:
@@ -316,7 +324,7 @@ def fit_job(cfg: JobConfig) -> dict:
             meta = book.metadata
             report = {"tokenizer_id": book.tokenizer_id, "k": book.k, "inertia": meta["inertia"],
                       "inertia_per_point": meta["inertia_per_point"], "utilization": meta["utilization"],
-                      "history": history}
+                      "fit_assign": meta["kmeans"].get("fast_assign", "exact"), "history": history}
             confirm()
             put_bytes(setup.fs, join(setup.root, FIT_REPORT), json.dumps(report, indent=2).encode())
     return {"out": redact(cfg.out), "codebook": redact(join(cfg.out, CODEBOOK)), "tokenizer_id": book.tokenizer_id,

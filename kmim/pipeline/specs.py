@@ -57,8 +57,8 @@ def decode_spec(cfg: JobConfig) -> DecodeSpec:
 
 def fit_spec(cfg: JobConfig) -> FitSpec:
     """The k-means fit of the job's resolved settings ``cfg``."""
-    return FitSpec(cfg.k, cfg.kmeans_epochs, cfg.kmeans_batch_size, cfg.seed, cfg.assign, cfg.runner, cfg.device,
-                   cfg.kmeans_workers, cfg.ray_address)
+    return FitSpec(cfg.k, cfg.kmeans_epochs, cfg.kmeans_batch_size, cfg.seed, cfg.assign, cfg.fit_exact, cfg.runner,
+                   cfg.device, cfg.kmeans_workers, cfg.ray_address)
 
 
 def fit_sample(cfg: JobConfig, shards: list[InputShard]) -> FitSample:

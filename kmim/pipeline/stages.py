@@ -30,7 +30,7 @@ from kmim.datasets.shards import ShardWriter, encode_npy
 from kmim.pipeline.sources import InputShard, RawSample, SourceSpec, read_shard
 from kmim.storage import get_file, is_local, join, open_url, put_verified, staging_dir
 from kmim.tokenizers.assign import nearest
-from kmim.tokenizers.extractors import ExtractorSpec, build_extractor
+from kmim.tokenizers.extractors import Extractor, ExtractorSpec, PixelSpec, build_extractor
 
 log = logging.getLogger("kmim")
 
@@ -157,15 +157,36 @@ class FitSampleStage:
                 keys.append(sample_key(raw.source))
                 if len(views) == self.images:
                     break
-        out, size = [], self.batch_size
-        for start in range(0, len(views), size):
-            with torch.inference_mode():
-                feats = on_halves(lambda batch: extractor(_batch_tensor(batch)).cpu(), views[start:start + size])
-            feats = feats.reshape(len(views[start:start + size]), -1, feats.shape[-1]).float().numpy()
-            for f, key in zip(feats, keys[start:start + size], strict=True):
-                rng = np.random.default_rng([self.seed, int(key, 16)])
-                out.append(f[rng.choice(f.shape[0], size=min(self.patches, f.shape[0]), replace=False)])
+        sample = self._pixel_patches if isinstance(self.extractor, PixelSpec) else self._features
+        out = [sample(extractor, views[i:i + self.batch_size], keys[i:i + self.batch_size])
+               for i in range(0, len(views), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, extractor.dim), np.float32)
+
+    def _drawn(self, key: str, total: int) -> np.ndarray:
+        """Indices of the patches drawn from the ``total`` patches of the views of the image with hex ``key``."""
+        rng = np.random.default_rng([self.seed, int(key, 16)])
+        return rng.choice(total, size=min(self.patches, total), replace=False)
+
+    def _features(self, extractor: Extractor, views: list[Views], keys: list[str]) -> np.ndarray:
+        """float32 [n, D]: the drawn patches' features of a batch of images, extracted from their whole views."""
+        with torch.inference_mode():
+            feats = on_halves(lambda batch: extractor(_batch_tensor(batch)).cpu(), views)
+        feats = feats.reshape(len(views), -1, feats.shape[-1]).float().numpy()
+        return np.concatenate([f[self._drawn(key, f.shape[0])] for f, key in zip(feats, keys, strict=True)])
+
+    def _pixel_patches(self, extractor: Extractor, views: list[Views], keys: list[str]) -> np.ndarray:
+        """:meth:`_features` for the pixel extractor, whose feature of a patch is a function of that patch's pixels
+        alone: only the drawn patches are cut out and extracted, each as an image of one patch (the same values,
+        a tenth of the work at 20 of 196 patches)."""
+        p = self.extractor.patch_size
+        cut = []
+        for view, key in zip(views, keys, strict=True):
+            v, n = view.extract.shape[:2]
+            patches = view.extract.reshape(v, n // p, p, n // p, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, p, p, 3)
+            cut.append(patches[self._drawn(key, patches.shape[0])])
+        with torch.inference_mode():
+            feats = extractor(torch.from_numpy(np.concatenate(cut)).permute(0, 3, 1, 2))
+        return feats.reshape(-1, feats.shape[-1]).float().numpy()
 
 
 @lru_cache(maxsize=2)

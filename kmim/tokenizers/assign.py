@@ -15,10 +15,12 @@ intermediate is processed in chunks of bounded size.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
 
@@ -30,6 +32,9 @@ _GEMM_ELEMS = 1 << 25  # rows x K per GEMM chunk (128 MiB of float32 distances)
 _REFINE_ELEMS = 1 << 24  # rows x K per float64 GEMM chunk of the refinement (128 MiB of float64 distances)
 _EXACT_ELEMS = 1 << 24  # rows x centroids x D per float64 direct-difference block (128 MiB)
 _choice: dict[tuple, str] = {}
+# Fewest rows of one thread's faiss search: faiss computes fewer than 20 query rows without its GEMM, which would
+# round differently; more rows per thread than this also keep the threads' overhead small.
+FAISS_PART = 1024
 
 
 def _precision_switches() -> list:
@@ -103,27 +108,77 @@ def _scores_torch(x: torch.Tensor, c: torch.Tensor, metric: str, n: int) -> tupl
     return torch.cat(vals), torch.cat(idxs)
 
 
-def _scores_faiss(x: torch.Tensor, c: torch.Tensor, metric: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.cache
+def _search_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="kmim-search")
+
+
+def _search_part(index, x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """One faiss search on the calling thread alone. faiss and torch share torch's OpenMP runtime, whose thread
+    count is per calling thread: it is restored, or torch would run on one thread in this thread from now on."""
+    faiss = _faiss()
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(x, n)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def _scores_faiss(x: torch.Tensor, c: torch.Tensor, metric: str, n: int,
+                  threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-n like :func:`_scores_torch`: on faiss's OpenMP threads (``threads`` None), or with the rows split over
+    ``threads`` threads, each a one-thread search.
+
+    Why split: OpenMP barriers spin-wait for every thread, so on a loaded machine a search waits for a descheduled
+    thread (a CIFAR k-means fit on 2 OpenMP threads took 21 s instead of 12 s at load 3.5 on 2 cores); a thread
+    here does its share and is joined without spinning. Results do not depend on the split: every part is at least
+    FAISS_PART rows, so faiss computes each row by the same GEMM path.
+    """
     faiss = _faiss()
     index = faiss.IndexFlatL2(c.shape[1]) if metric == "l2" else faiss.IndexFlatIP(c.shape[1])
     index.add(np.ascontiguousarray(c.cpu().numpy(), dtype=np.float32))
-    d, i = index.search(np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32), n)
+    rows = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
+    parts = 0 if threads is None else max(1, min(threads, rows.shape[0] // FAISS_PART))
+    if parts <= 1:
+        d, i = index.search(rows, n) if threads is None else _search_part(index, rows, n)
+    else:
+        found = list(_search_pool(parts).map(lambda part: _search_part(index, part, n), np.array_split(rows, parts)))
+        d, i = np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
     d, i = torch.from_numpy(d), torch.from_numpy(i)
     return (d if metric == "l2" else -d), i
 
 
-def _pick_method(x: torch.Tensor, c: torch.Tensor, metric: str) -> str:
-    key = (c.shape[0], c.shape[1], metric)
+def _pick_method(x: torch.Tensor, c: torch.Tensor, metric: str, threads: int | None) -> str:
+    """The faster CPU backend for the exact search (top-2) of rows like x against c (faiss on ``threads``), timed
+    once per shape."""
+    key = (c.shape[0], c.shape[1], metric, threads)
     if key not in _choice:
         probe = x[: min(x.shape[0], 8192)]
         timings = {}
-        for method, fn in (("torch", _scores_torch), ("faiss", _scores_faiss)):
+        for method, fn in (("torch", _scores_torch), ("faiss", functools.partial(_scores_faiss, threads=threads))):
             fn(probe, c, metric, 2)  # warm-up
             t0 = time.perf_counter()
             fn(probe, c, metric, 2)
             timings[method] = time.perf_counter() - t0
         _choice[key] = min(timings, key=timings.get)
     return _choice[key]
+
+
+def exact_method(x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2", threads: int | None = None) -> str:
+    """The backend ``nearest(..., method="auto", threads=threads)`` uses for rows like x [N, D] against centroids
+    [K, D]: the torch GEMM on CUDA, else the faster of the two at this shape (timed once per shape)."""
+    if x.is_cuda:
+        return "torch"
+    with ieee_fp32():
+        return _pick_method(x.float().contiguous(), centroids.float().contiguous(), metric, threads)
+
+
+def fast_method(device: str | torch.device) -> str:
+    """The backend of the float32 top-1 search (``nearest(..., exact=False)``) when none is asked for: the torch
+    GEMM on CUDA, faiss on the CPU. A fixed choice, not a timing like the exact search's: the top-1 of near ties
+    depends on the backend, and a fit must not change with what a noisy timing picked."""
+    return "torch" if torch.device(device).type == "cuda" else "faiss"
 
 
 def _exact(x: torch.Tensor, c: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +245,7 @@ def _refine(x: torch.Tensor, c: torch.Tensor, metric: str) -> tuple[torch.Tensor
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", method: str = "auto",
-            exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            exact: bool = True, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid for each row, on x's device.
 
     x float32 [N, D]; centroids float32 [K, D] (K >= 2). Returns (index int64 [N], score float32 [N]),
@@ -198,20 +253,30 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", met
     ``method`` is "faiss", "torch" or "auto" (time both once per shape and keep the faster); it only picks
     the CPU backend: CUDA tensors always use the torch GEMM on their device (exact tokens are the same).
     Float32 matmuls run in IEEE float32 whatever the global precision settings (see :func:`ieee_fp32`).
+    ``exact=False`` is the float32 top-1 alone (no near-tie settlement): the nearest up to float32 rounding, so a
+    near tie may go either way depending on the backend, the device and the thread count; its "auto" is
+    :func:`fast_method`.
+
+    ``threads``: None (the default) runs a faiss search on faiss's OpenMP threads (as many as torch's on this
+    thread), a number splits it over that many threads of one-thread searches (see :func:`_scores_faiss`: robust
+    on a loaded machine; the k-means fit passes its thread count). The torch GEMM uses torch's threads.
     """
     x, c = x.float().contiguous(), centroids.float().contiguous().to(x.device)
     with ieee_fp32():
-        return _nearest(x, c, metric, method, exact)
+        return _nearest(x, c, metric, method, exact, threads)
 
 
-def _nearest(x: torch.Tensor, c: torch.Tensor, metric: str, method: str,
-             exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest(x: torch.Tensor, c: torch.Tensor, metric: str, method: str, exact: bool,
+             threads: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    n = 2 if exact else 1
     if x.is_cuda:
         method = "torch"
     elif method == "auto":
-        method = _pick_method(x, c, metric)
-    fn = _scores_faiss if method == "faiss" else _scores_torch
-    vals, idxs = fn(x, c, metric, 2 if exact else 1)
+        method = _pick_method(x, c, metric, threads) if exact else fast_method(x.device)
+    if method == "faiss":
+        vals, idxs = _scores_faiss(x, c, metric, n, threads)
+    else:
+        vals, idxs = _scores_torch(x, c, metric, n)
     best, score = idxs[:, 0].clone(), vals[:, 0].clone()
     if not exact:
         return best, score

@@ -5,9 +5,15 @@ process (:class:`LocalData`, used by :func:`fit_kmeans`) or be split into contig
 point index held by Ray actors (:mod:`kmim.pipeline.fit`). Each step, every range reports per-centroid
 sums and counts of its points in that step's mini-batch (:func:`batch_stats`); the loop reduces them
 (:func:`merge_stats`) and moves the centroids (:func:`apply_step`). Sums are float64, so the result does
-not depend on how the points are split beyond float64 rounding. Nor on where it runs: assignment is exact on
-any device, backend or thread count, and k-means++ depends on neither the thread count nor, beyond float64
-rounding, the device (:func:`kmeans_plus_plus`).
+not depend on how the points are split beyond float64 rounding.
+
+Two assignments drive the updates. Exact (``exact=True``): the exact nearest centroid on any device, backend
+or thread count, so the fit does not depend on where it runs either (k-means++ depends on neither the thread
+count nor, beyond float64 rounding, the device: :func:`kmeans_plus_plus`). Fast (``exact=False``): the float32
+top-1 of one backend (faiss on the CPU, the torch GEMM on CUDA, or the one asked for; recorded in
+:attr:`KMeansResult.assign`), about half the search work; a near tie may then go to either centroid, so the
+fit is reproducible for a given backend, device and thread count only. Tokens written with the codebook are
+exact nearest centroids either way.
 
 Deterministic for a seed: every random draw comes from one seeded ``torch.Generator`` on the driver and
 batches are a seeded permutation of the global index per epoch. ``metric="ip"`` is spherical k-means
@@ -22,7 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -33,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kmim.files import atomic_write
-from kmim.tokenizers.assign import nearest
+from kmim.tokenizers.assign import exact_method, fast_method, nearest
 from kmim.tokenizers.kmeanspp import kmeans_plus_plus
 
 logger = logging.getLogger("kmim")
@@ -45,6 +52,7 @@ class KMeansResult:
     inertia: float  # sum over the fit sample of squared distance (l2) or 1 - cosine (ip) to the nearest centroid
     utilization: float  # fraction of centroids nearest to at least one sample point
     history: list[dict] = field(default_factory=list)  # per epoch: epoch, inertia (mean per point), utilization
+    assign: str = "exact"  # the fit's assignment: "exact", or the float32 top-1 backend ("faiss" | "torch")
 
 
 def _unit(c: torch.Tensor) -> torch.Tensor:
@@ -92,22 +100,34 @@ def farthest(cost: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
     return by_pos[torch.argsort(cost[by_pos], descending=True, stable=True)][:n]
 
 
-def batch_stats(xb: torch.Tensor, pos: torch.Tensor, centroids: torch.Tensor, *, metric: str, method: str,
-                candidates: int, device: str | torch.device = "cpu") -> StepStats:
-    """Statistics of points xb float32 [b, D] (at mini-batch positions pos int64 [b]) for centroids [K, D].
+def summed_cost(sq: torch.Tensor, c64: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, metric: str) -> float:
+    """The summed cost of points to their centroids from their squared norms sq float64 [b], the centroids that got
+    points c64 float64 [m, D], and the sums [m, D] and counts int64 [m] of their points: sum |x|^2 - 2 c.s + n |c|^2
+    (l2) or sum 1 - c.s (ip): no pass over the points, no gather of their centroids."""
+    dot = float((c64 * sums).sum())
+    if metric == "ip":
+        return sq.numel() - dot
+    return float(sq.sum()) - 2 * dot + float((counts.double() * (c64 * c64).sum(1)).sum())
 
-    Assignment runs on ``device``; sums, costs and candidates are computed on the CPU in float64.
-    ``candidates`` = how many reseeding candidates to keep (the farthest points).
+
+def batch_stats(xb: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, centroids: torch.Tensor, *,
+                sq: torch.Tensor, metric: str, candidates: int) -> StepStats:
+    """Statistics of points xb float32 [b, D] with squared norms sq float64 [b], at mini-batch positions pos int64
+    [b], assigned to centroids idx int64 [b] of centroids [K, D].
+
+    Sums and costs in float64; per-point costs only when ``candidates`` (how many reseeding candidates to keep: the
+    farthest points) is not 0.
     """
-    idx = torch.zeros(0, dtype=torch.int64)
-    if xb.shape[0]:  # a partition may hold no point of this mini-batch
-        idx = nearest(xb.to(device), centroids.to(device), metric=metric, method=method)[0].cpu()
-    cost = point_cost(xb, centroids, idx, metric)
     ids, inverse = torch.unique(idx, sorted=True, return_inverse=True)
     sums = torch.zeros(ids.numel(), xb.shape[1], dtype=torch.float64).index_add_(0, inverse, xb.double())
-    top = farthest(cost, pos, candidates)
-    return StepStats(ids, sums, torch.bincount(inverse, minlength=ids.numel()), float(cost.sum()), cost[top],
-                     pos[top], xb[top])
+    counts = torch.bincount(inverse, minlength=ids.numel())
+    cost = summed_cost(sq, centroids[ids].double(), sums, counts, metric)
+    if not candidates:
+        none = torch.zeros(0, dtype=torch.int64)
+        return StepStats(ids, sums, counts, cost, none.double(), none, xb[none])
+    point = point_cost(xb, centroids, idx, metric)
+    top = farthest(point, pos, candidates)
+    return StepStats(ids, sums, counts, cost, point[top], pos[top], xb[top])
 
 
 def merge_stats(parts: Sequence[StepStats], candidates: int) -> StepStats:
@@ -163,10 +183,17 @@ def reseed_empty(state: KMeansState, hits: torch.Tensor, last: StepStats) -> int
 
 
 class FitData(Protocol):
-    """The fit points, float32 [n, D] indexed 0..n-1 (unit rows for ``metric="ip"``), wherever they live."""
+    """The fit points, float32 [n, D] indexed 0..n-1 (unit rows for ``metric="ip"``), wherever they live, and how
+    steps assign them: ``exact`` nearest centroids, or the float32 top-1 (see the module docstring)."""
 
     n: int
     dim: int
+    exact: bool
+
+    def fast_method(self, stored: str | None) -> str:
+        """Fix the backend of the float32 top-1 search for the rest of the fit and return it
+        ("faiss" | "torch"): the configured one, else ``stored`` (a resumed fit's), else
+        :func:`kmim.tokenizers.assign.fast_method`."""
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """float32 [len(idx), D]: the points at global indices idx."""
@@ -181,16 +208,41 @@ class FitData(Protocol):
         """(total cost, used bool [K]) over all points."""
 
 
+FAST_METHODS = ("faiss", "torch")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Torch on ``n`` threads within the block (the fit's bookkeeping on one, see :func:`Partition._assign`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class Partition:
     """The points with global indices [offset, offset + len(x)): float32 [n, D], on the CPU; unit-normalized
-    here for ``metric="ip"`` (spherical k-means)."""
+    here for ``metric="ip"`` (spherical k-means). Steps and the final pass assign them on ``device`` with
+    backend ``method``, exactly or (``exact=False``) by the float32 top-1."""
 
     def __init__(self, x: torch.Tensor, offset: int, *, metric: str, method: str,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", exact: bool = True) -> None:
         x = x.float().contiguous()
         self.x = _unit(x) if metric == "ip" else x
-        self.offset, self.metric, self.method, self.device = offset, metric, method, device
+        # float64 [n]: the steps' costs come from them (summed_cost); in chunks, not one float64 copy of x
+        self.sq = torch.cat([(c.double() ** 2).sum(1) for c in self.x.split(16384)])
+        self.offset, self.metric, self.method, self.device, self.exact = offset, metric, method, device, exact
+        self.threads = torch.get_num_threads()  # of the searches not on faiss
         self._pos = self._rows = torch.zeros(0, dtype=torch.int64)
+
+    def fast_method(self, stored: str | None) -> str:
+        if torch.device(self.device).type == "cuda":
+            self.method = "torch"
+        elif self.method not in FAST_METHODS:
+            self.method = stored if stored in FAST_METHODS else fast_method(self.device)
+        return self.method
 
     def rows(self, local_idx: torch.Tensor) -> torch.Tensor:
         return self.x[local_idx]
@@ -201,29 +253,53 @@ class Partition:
         position[order] = torch.arange(order.numel())
         self._pos, self._rows = position[self.offset:self.offset + self.x.shape[0]].sort()
 
+    def _assign(self, xb: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+        """int64 [b] on the CPU: the centroid of each row of xb [b, D], searched on this partition's device.
+
+        The search runs on this partition's threads (faiss's or torch's), everything else in the fit on one torch
+        thread. Why: torch's OpenMP workers spin-wait after each op, and faiss's (a second OpenMP runtime) after
+        each search; small torch ops on all threads between searches left the two runtimes fighting for the
+        cores: 3 epochs of the CIFAR fit took 26 s instead of 2.4 s on a loaded 2-core machine.
+        """
+        if not xb.shape[0]:  # a partition may hold no point of a mini-batch
+            return torch.zeros(0, dtype=torch.int64)
+        if self.method not in FAST_METHODS:  # exact: either backend gives the same; time them once
+            with torch_threads(self.threads):
+                self.method = exact_method(xb.to(self.device), centroids.to(self.device), self.metric, self.threads)
+        with torch_threads(1 if self.method == "faiss" else self.threads):
+            return nearest(xb.to(self.device), centroids.to(self.device), metric=self.metric, method=self.method,
+                           exact=self.exact, threads=self.threads)[0].cpu()
+
     def step(self, centroids: torch.Tensor, start: int, stop: int, candidates: int) -> StepStats:
-        lo, hi = (int(torch.searchsorted(self._pos, v)) for v in (start, stop))
-        xb = self.x[self._rows[lo:hi]]
-        return batch_stats(xb, self._pos[lo:hi] - start, centroids, metric=self.metric, method=self.method,
-                           candidates=candidates, device=self.device)
+        with torch_threads(1):
+            lo, hi = (int(torch.searchsorted(self._pos, v)) for v in (start, stop))
+            rows = self._rows[lo:hi]
+            xb = self.x.index_select(0, rows)  # a quarter of the time of self.x[rows]
+            return batch_stats(xb, self._pos[lo:hi] - start, self._assign(xb, centroids), centroids,
+                               sq=self.sq.index_select(0, rows), metric=self.metric, candidates=candidates)
 
     def evaluate(self, centroids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
         total, used = 0.0, torch.zeros(centroids.shape[0], dtype=torch.bool)
-        for start in range(0, self.x.shape[0], chunk):
-            xb = self.x[start:start + chunk]
-            idx, _ = nearest(xb.to(self.device), centroids.to(self.device), metric=self.metric, method=self.method)
-            idx = idx.cpu()
-            total += float(point_cost(xb, centroids, idx, self.metric).sum())
-            used[idx] = True
+        with torch_threads(1):
+            for start in range(0, self.x.shape[0], chunk):
+                xb = self.x[start:start + chunk]
+                idx = self._assign(xb, centroids)
+                total += float(point_cost(xb, centroids, idx, self.metric).sum())
+                used[idx] = True
         return total, used
 
 
 class LocalData:
     """All points in this process: one :class:`Partition` (points on the CPU, assignment on ``device``)."""
 
-    def __init__(self, x: torch.Tensor, *, metric: str, method: str, device: str | torch.device = "cpu") -> None:
-        self.part = Partition(x, 0, metric=metric, method=method, device=device)
+    def __init__(self, x: torch.Tensor, *, metric: str, method: str, device: str | torch.device = "cpu",
+                 exact: bool = True) -> None:
+        self.part = Partition(x, 0, metric=metric, method=method, device=device, exact=exact)
         self.n, self.dim = x.shape
+        self.exact = exact
+
+    def fast_method(self, stored: str | None) -> str:
+        return self.part.fast_method(stored)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         return self.part.rows(idx)
@@ -232,7 +308,8 @@ class LocalData:
         self.part.start_epoch(order)
 
     def step(self, centroids: torch.Tensor, start: int, stop: int, candidates: int) -> StepStats:
-        return merge_stats([self.part.step(centroids, start, stop, candidates)], candidates)
+        # One share is its own merge: merge_stats would return the same statistics.
+        return self.part.step(centroids, start, stop, candidates)
 
     def evaluate(self, centroids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
         return self.part.evaluate(centroids, chunk)
@@ -252,14 +329,21 @@ def save_checkpoint(directory: Path, state: KMeansState, settings: dict) -> None
                  lambda tmp: save_file(tensors, str(tmp), metadata={"kmim-kmeans": json.dumps(meta, sort_keys=True)}))
 
 
+def _checkpoint_meta(path: Path) -> dict | None:
+    """The JSON metadata of the checkpoint file at ``path`` (format, epoch, history, settings), None without one."""
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("kmim-kmeans", "{}"))
+
+
 def load_checkpoint(directory: Path, settings: dict, epochs: int) -> KMeansState | None:
     """The saved state if it was made with exactly these settings (and data) and at most ``epochs`` epochs;
     otherwise None, with a warning naming what differs: a checkpoint is never reused for another fit."""
     path = directory / CHECKPOINT
-    if not path.exists():
+    meta = _checkpoint_meta(path)
+    if meta is None:
         return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("kmim-kmeans", "{}"))
     old = meta.get("settings", {})
     differs = sorted(key for key in {*old, *settings} if old.get(key) != settings.get(key))
     if meta.get("format") != _CHECKPOINT_FORMAT or differs or meta.get("epoch", 0) > epochs:
@@ -312,38 +396,48 @@ def run_minibatch(data: FitData, k: int, *, epochs: int, batch_size: int, seed: 
     """
     if data.n < k:
         raise ValueError(f"k-means needs at least k={k} points, got {data.n}")
-    init_size = min(data.n, init_size or max(20 * k, 16384))
+    # k-means++ candidates: 20 per centroid, at least 16,384 in the exact fit (as always), 4,096 in the fast one:
+    # for K=50 on the demo's 36k 768-d pixel patches, 4,096 fitted as well (inertia 20.80, 20.95, 21.03 for seeds
+    # 0-2, vs 21.10, 21.41, 21.04) and seeded 0.6 s sooner; K=1024 needs its 20,480 (10,240: 0.6% worse).
+    init_size = min(data.n, init_size or max(20 * k, 16384 if data.exact else 4096))
     settings = {"k": k, "batch_size": batch_size, "seed": seed, "metric": metric, "init_size": init_size,
                 "points": data.n, "dim": data.dim, "data": data_digest}
     if checkpoint is not None and data_digest is None:
         raise ValueError("a k-means checkpoint needs a data digest")
+    assign = "exact"
+    if not data.exact:  # the fast fit resumes only on the backend it ran on (an exact one records none)
+        saved = (_checkpoint_meta(checkpoint / CHECKPOINT) or {}) if checkpoint is not None else {}
+        assign = settings["assign"] = data.fast_method(saved.get("settings", {}).get("assign"))
     state = load_checkpoint(checkpoint, settings, epochs) if checkpoint is not None else None
     if state is None:
         state = _init_state(data, k, seed, init_size, metric, device)
     elif state.epoch:
         logger.info("k-means: resuming after epoch %d from %s", state.epoch, checkpoint)
-    while state.epoch < epochs:
-        stats = _run_epoch(data, state, batch_size, metric)
-        state.history.append(stats)
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, state, settings)
-        if log_epoch is not None:
-            log_epoch(stats)
+    with torch_threads(1):  # the updates: small ops between searches (see Partition._assign)
+        while state.epoch < epochs:
+            stats = _run_epoch(data, state, batch_size, metric)
+            state.history.append(stats)
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, state, settings)
+            if log_epoch is not None:
+                log_epoch(stats)
     inertia, used = data.evaluate(state.centroids, batch_size)
-    return KMeansResult(state.centroids, inertia, float(used.float().mean()), state.history)
+    return KMeansResult(state.centroids, inertia, float(used.float().mean()), state.history, assign)
 
 
 def fit_kmeans(x: torch.Tensor, k: int, *, epochs: int, batch_size: int, seed: int, metric: str = "l2",
                method: str = "auto", init_size: int | None = None, checkpoint: Path | None = None,
                data_digest: str | None = None, log: Callable[[dict], None] | None = None,
-               device: str | torch.device | None = None) -> KMeansResult:
+               device: str | torch.device | None = None, exact: bool = True) -> KMeansResult:
     """Fit K centroids to x float32 [N, D] (on the CPU) in this process with mini-batch k-means.
 
     Each epoch visits every point once in shuffled mini-batches; centroid j moves to the running mean
     of all points ever assigned to it (per-centroid learning rate 1/count). Centroids that got no point
     in an epoch are re-seeded to the farthest points of the epoch's last batch. Assignments are exact
-    nearest centroids, so the fit does not depend on which search backend ran. With ``checkpoint`` (a
-    directory), the state is saved every epoch and resumed from; ``data_digest`` defaults to the digest of x.
+    nearest centroids, so the fit does not depend on which search backend ran; with ``exact=False``, the
+    float32 top-1 of one backend (``method``, else :func:`kmim.tokenizers.assign.fast_method`), see the module
+    docstring. With ``checkpoint`` (a directory), the state is saved every epoch and resumed from; ``data_digest``
+    defaults to the digest of x.
 
     ``device`` (default: CUDA when available, else the CPU) runs k-means++ and the assignments; sums,
     costs and centroid updates stay in float64 on the CPU. Assignments are exact and k-means++ agrees
@@ -352,6 +446,6 @@ def fit_kmeans(x: torch.Tensor, k: int, *, epochs: int, batch_size: int, seed: i
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if checkpoint is not None and data_digest is None:
         data_digest = points_digest([part_digest(x.float().numpy())])
-    return run_minibatch(LocalData(x, metric=metric, method=method, device=device), k, epochs=epochs,
+    return run_minibatch(LocalData(x, metric=metric, method=method, device=device, exact=exact), k, epochs=epochs,
                          batch_size=batch_size, seed=seed, metric=metric, init_size=init_size, checkpoint=checkpoint,
                          data_digest=data_digest, log_epoch=log, device=device)
