@@ -345,7 +345,9 @@ def test_cli_serves_until_interrupted_and_never_logs_the_token(dataset: Path, re
     finally:
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=30)[0]
-    assert proc.returncode == 128 + signal.SIGINT, output  # uvicorn re-raises the signal once shut down
+    # A clean stop: uvicorn re-raises the signal after shutting down, or exits 0 when it arrives during startup.
+    assert proc.returncode in (0, 128 + signal.SIGINT, -signal.SIGINT), output
+    assert "Application shutdown complete" in output
     assert '"GET /data/shard-00000.tar HTTP/1.1" 206' in output and TOKEN not in output
 
 
