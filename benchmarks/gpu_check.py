@@ -48,7 +48,8 @@ from kmim.tokenizers.assign import _faiss, nearest
 from kmim.tokenizers.extractors import PixelExtractor, build_extractor
 from kmim.tokenizers.kmeans import fit_kmeans
 from kmim.tokenizers.kmeanspp import kmeans_plus_plus
-from kmim.trainer.engine import make_optimizer, masking_generator, setup_distributed
+from kmim.trainer.ddp import setup_distributed
+from kmim.trainer.engine import make_optimizer, masking_generator
 from kmim.trainer.objectives import build_objective
 from kmim.trainer.vit import ViTConfig
 

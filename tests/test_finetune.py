@@ -24,7 +24,8 @@ from kmim.pipeline.job import run_job
 from kmim.trainer.checkpoint import latest_checkpoint, load_state
 from kmim.trainer.classifier import Classifier, layer_id, param_groups
 from kmim.trainer.config import FinetuneConfig, TrainConfig
-from kmim.trainer.engine import Dist, TrainError, train
+from kmim.trainer.ddp import Dist, TrainError
+from kmim.trainer.engine import train
 from kmim.trainer.finetune import FINETUNE_CONFIG, evaluate, finetune, make_loaders
 from kmim.trainer.vit import ViT, vit_config
 

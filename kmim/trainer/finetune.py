@@ -34,16 +34,13 @@ from kmim.files import atomic_write
 from kmim.trainer.checkpoint import CheckpointError, latest_checkpoint
 from kmim.trainer.classifier import Classifier, load_encoder_weights, param_groups
 from kmim.trainer.config import FinetuneConfig, TrainConfig
+from kmim.trainer.ddp import Dist, MetricWindow, TrainError, distributed, wrap_ddp
 from kmim.trainer.engine import (
     METRICS,
-    Dist,
-    MetricWindow,
     Progress,
     Schedule,
-    TrainError,
     check_material,
     clip_gradients,
-    distributed,
     forever,
     masking_generator,
     read_run_config,
@@ -51,7 +48,6 @@ from kmim.trainer.engine import (
     save_state,
     truncate_logs,
     warmup_cosine,
-    wrap_ddp,
 )
 from kmim.trainer.linprobe import check_eval_data
 from kmim.trainer.plot import FINETUNE_PANELS
