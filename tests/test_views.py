@@ -17,9 +17,10 @@ from test_learned_extractors import VIT16, save_tiny
 
 from kmim.config import ConfigError, load_config
 from kmim.datasets.codebook import load_codebook
+from kmim.datasets.geometry import random_geometry
 from kmim.datasets.loader import TokenDataset, TokenLoader
 from kmim.datasets.manifest import CODEBOOK, read_manifest
-from kmim.datasets.preprocess import Preprocess, ViewSpec, decode_source, random_geometry, render
+from kmim.datasets.preprocess import Preprocess, ViewSpec, decode_source, render
 from kmim.datasets.shards import ShardWriter, iter_tar
 from kmim.datasets.verify import verify_dataset
 from kmim.pipeline.job import run_job

@@ -34,7 +34,8 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from kmim import __version__
-from kmim.datasets.preprocess import IMAGE_EXTS, geometry_problem
+from kmim.datasets.geometry import geometry_problem
+from kmim.datasets.preprocess import IMAGE_EXTS
 from kmim.datasets.shards import ShardError, decode_npy
 from kmim.files import atomic_write
 from kmim.storage import fs_path, join, put_bytes, url_of
