@@ -31,7 +31,7 @@ from kmim import __version__
 from kmim.datasets.loader import TokenDataset, TokenLoader
 from kmim.datasets.preprocess import ViewSpec
 from kmim.files import atomic_write
-from kmim.trainer.checkpoint import CheckpointError, latest_checkpoint
+from kmim.trainer.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
 from kmim.trainer.classifier import Classifier, load_encoder_weights, param_groups
 from kmim.trainer.config import FinetuneConfig, TrainConfig
 from kmim.trainer.ddp import Dist, MetricWindow, TrainError, distributed, wrap_ddp
@@ -49,7 +49,7 @@ from kmim.trainer.engine import (
     truncate_logs,
     warmup_cosine,
 )
-from kmim.trainer.linprobe import check_eval_data
+from kmim.trainer.linprobe import check_eval_data, resolve_pool
 from kmim.trainer.plot import FINETUNE_PANELS
 from kmim.trainer.vit import ViT
 
@@ -59,26 +59,24 @@ FINETUNE_CONFIG = "finetune.json"
 BETAS = (0.9, 0.999)  # MAE / BEiT fine-tuning
 
 
-def read_pretrained(cfg: FinetuneConfig) -> tuple[TrainConfig, dict]:
-    """The pre-trained run's settings and dataset info (see :func:`kmim.trainer.engine.read_run_config`)."""
+def read_pretrained(cfg: FinetuneConfig) -> tuple[TrainConfig, dict, Checkpoint]:
+    """The pre-trained run's settings, dataset info (see :func:`kmim.trainer.engine.read_run_config`) and latest
+    checkpoint, read once: the run may still be training."""
     saved = read_run_config(cfg.checkpoint)
-    return TrainConfig(**saved["config"]), saved["dataset"]
+    ckpt = latest_checkpoint(cfg.checkpoint)
+    if ckpt is None:
+        raise CheckpointError(f"{cfg.checkpoint}: no checkpoint yet")
+    return TrainConfig(**saved["config"]), saved["dataset"], ckpt
 
 
-def setup_run(cfg: FinetuneConfig, d: Dist, pre: TrainConfig, info: dict) -> dict:
+def setup_run(cfg: FinetuneConfig, d: Dist, pre: TrainConfig, info: dict, ckpt: Checkpoint) -> dict:
     """Check the data and the run directory on every rank, then (rank 0) write ``finetune.json``; returns what the
     run records about its start: classes, class names, pool, the pre-trained checkpoint."""
     names = check_eval_data([cfg.train_data, cfg.val_data], info["image_size"], cfg.checkpoint)
     classes = cfg.classes or len(names)
     if classes < 2:
         raise TrainError(f"{cfg.train_data}: field 'labels': no class names; give --classes")
-    has_cls = pre.cls_token
-    pool = ("cls" if has_cls else "mean") if cfg.pool == "auto" else cfg.pool
-    if pool == "cls" and not has_cls:
-        raise TrainError(f"field 'pool': 'cls' needs a model pre-trained with --cls-token; {cfg.checkpoint} has none")
-    ckpt = latest_checkpoint(cfg.checkpoint)
-    if ckpt is None:
-        raise CheckpointError(f"{cfg.checkpoint}: no checkpoint yet")
+    pool = resolve_pool(cfg.pool, pre.cls_token)
     run = Path(cfg.out)
     body = {"config": cfg.model_dump(), "classes": classes, "class_names": names, "pool": pool,
             "pretrained": {"run": str(cfg.checkpoint), "step": ckpt.step, "config": pre.model_dump(),
@@ -99,11 +97,12 @@ def setup_run(cfg: FinetuneConfig, d: Dist, pre: TrainConfig, info: dict) -> dic
     return body
 
 
-def build_classifier(cfg: FinetuneConfig, pre: TrainConfig, info: dict, classes: int, pool: str) -> Classifier:
-    """The pre-trained encoder (latest checkpoint of ``cfg.checkpoint``) with drop path and a fresh head."""
+def build_classifier(cfg: FinetuneConfig, pre: TrainConfig, info: dict, ckpt: Checkpoint, classes: int,
+                     pool: str) -> Classifier:
+    """The pre-trained encoder (from ``ckpt``) with drop path and a fresh head."""
     encoder = ViT(pre.encoder(), info["image_size"], info["patch_size"], cls_token=pre.cls_token,
                   drop_path=cfg.drop_path)
-    load_encoder_weights(encoder, latest_checkpoint(cfg.checkpoint))
+    load_encoder_weights(encoder, ckpt)
     return Classifier(encoder, classes, pool, amp=cfg.amp)
 
 
@@ -163,10 +162,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 def _finetune(cfg: FinetuneConfig, d: Dist) -> dict:
-    pre, info = read_pretrained(cfg)
-    setup = setup_run(cfg, d, pre, info)
+    pre, info, ckpt = read_pretrained(cfg)
+    setup = setup_run(cfg, d, pre, info, ckpt)
     torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg, pre, info, setup["classes"], setup["pool"]).to(d.device)
+    model = build_classifier(cfg, pre, info, ckpt, setup["classes"], setup["pool"]).to(d.device)
     decay = cfg.decay_for(pre.model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, decay), lr=0.0, betas=BETAS)
     loader, val = make_loaders(cfg, d)

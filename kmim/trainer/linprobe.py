@@ -140,9 +140,9 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     return correct / len(test_x)
 
 
-def resolve_pool(pool: str, model: MIMObjective) -> str:
-    """``auto`` -> ``cls`` when the encoder has a CLS token, else ``mean``; ``cls`` without one is refused."""
-    has_cls = model.encoder.cls_token is not None
+def resolve_pool(pool: str, has_cls: bool) -> str:
+    """``auto`` -> ``cls`` when the encoder has a CLS token (``has_cls``), else ``mean``; ``cls`` without one is
+    refused."""
     if pool == "auto":
         return "cls" if has_cls else "mean"
     if pool not in ("cls", "mean"):
@@ -214,7 +214,7 @@ def linear_probe(run_dir: str | os.PathLike, data: str | os.PathLike, cfg: Probe
     without ``val_data``, on ``data``'s key-hash split. Returns top1, knn_top1 (fractions) and the setup."""
     dev = eval_device(device)
     model, info, step = load_encoder(run_dir, dev)
-    pool = resolve_pool(pool, model)
+    pool = resolve_pool(pool, model.encoder.cls_token is not None)
     names = check_eval_data([data] + ([val_data] if val_data is not None else []), info["image_size"], run_dir)
     train, test = probe_splits(model, data, val_data, cfg, pool, dev, workers)
     classes = max(len(names), int(torch.cat([train["y"], test["y"]]).max()) + 1)

@@ -275,8 +275,8 @@ class MaPeT(MIMObjective):
         logits, z, hidden = self.predict(images, generator, states=self.mto is not None)
         loss, acc = token_ce(logits.reshape(-1, logits.shape[-1]), targets.gather(1, z[:, self.cut:]).reshape(-1),
                              self.label_smoothing)
-        rank = z.argsort(dim=1)
-        return self._result(loss, acc, hidden, rank >= self.cut)
+        targets_mask = torch.zeros_like(z, dtype=torch.bool).scatter_(1, z[:, self.cut:], True)  # [B, N]
+        return self._result(loss, acc, hidden, targets_mask)
 
 
 def build_objective(name: str, model_size: str = "tiny", image_size: int = 224, patch_size: int = 16,
