@@ -42,8 +42,9 @@ from kmim.datasets.manifest import INDEX_SCHEMA, TokenCounts, index_name, read_i
 from kmim.datasets.preprocess import Preprocess, Views, ViewSpec, decode_views
 from kmim.datasets.shards import ShardWriter
 from kmim.files import atomic_write, tmp_path
+from kmim.pipeline.decoding import sample_key
 from kmim.pipeline.sources import RawSample
-from kmim.pipeline.stages import _finish_shard, _ShardRecord, _write_samples, sample_key
+from kmim.pipeline.stages import _finish_shard, _ShardRecord, _write_samples
 
 K, GRID, SHARD_SIZE, BATCH = 1024, 8, 500, 256
 Sample = tuple[RawSample, Views]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -57,6 +58,40 @@ def add_bad_files(folder: Path) -> dict[str, str]:
     Image.new("P", (40, 40)).save(d / "palette.png")
     return {"class_0/zero.png": "empty", "class_0/garbage.jpg": "undecodable", "class_0/truncated.png": "truncated",
             "class_0/bomb.png": "decompression_bomb", "class_0/tiny.png": "too_small"}
+
+
+@pytest.mark.parametrize(("fit_images", "shard_size"), [(6, 200), (1000, 10)])
+def test_a_local_job_decodes_each_image_once(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             fit_images: int, shard_size: int) -> None:
+    """The images the fit sample decoded (the first 64 of one 85-input shard, or every 10-input shard) are not
+    decoded again to be tokenized, and the shards are the bytes a job that decodes twice writes."""
+    from kmim.pipeline import decoding, job
+
+    add_bad_files(image_folder)
+    rng = np.random.default_rng(3)
+    for j in range(40):
+        Image.fromarray(class_image(rng, 1, (36, 36))).save(image_folder / "class_1" / f"more_{j:02d}.png")
+    calls: collections.Counter[str] = collections.Counter()
+    real = decoding.decode_views
+
+    def counted(data: bytes, pre: object, views: object, key: str, *args: object):
+        calls[key] += 1
+        return real(data, pre, views, key, *args)
+
+    monkeypatch.setattr(decoding, "decode_views", counted)
+    settings = {"input": str(image_folder), "fit_images": fit_images, "shard_size": shard_size,
+                "max_image_pixels": 1_000_000}
+    run(tmp_path / "once", **settings)
+    once = dict(calls)
+    calls.clear()
+    monkeypatch.setattr(job, "LOCAL_KEEP_BYTES", 0)
+    run(tmp_path / "twice", **settings)
+    assert set(once.values()) == {1} and set(calls) == set(once)
+    assert sum(calls.values()) >= len(once) + 10  # without keeping, the fit's images decode twice
+    names = sorted(p.name for p in (tmp_path / "once").iterdir() if p.name != "job.json")
+    assert names == sorted(p.name for p in (tmp_path / "twice").iterdir() if p.name != "job.json")
+    for name in names:
+        assert (tmp_path / "once" / name).read_bytes() == (tmp_path / "twice" / name).read_bytes(), name
 
 
 def test_local_run_end_to_end_with_bad_inputs(image_folder: Path, tmp_path: Path) -> None:
@@ -299,16 +334,16 @@ def test_fit_report_and_codebook_record_the_fit_assignment(image_folder: Path, t
 
 @pytest.mark.parametrize("settings", [{}, {"norm_pix": True, "normalize": "none"}, {"views": 3, "patch_size": 4}])
 def test_pixel_fit_sample_extracts_only_the_drawn_patches(image_folder: Path, tmp_path: Path, settings: dict) -> None:
+    from kmim.pipeline.decoding import decoded, sample_key
     from kmim.pipeline.sources import plan_inputs
     from kmim.pipeline.specs import fit_sample, source_spec
-    from kmim.pipeline.stages import _decoded, sample_key
     from kmim.tokenizers.extractors import build_extractor
 
     cfg = load_config(None, job_overrides(out=str(tmp_path), input=str(image_folder), fit_patches=500, **settings))
     sample = fit_sample(cfg, plan_inputs(source_spec(cfg))[0])
     stage, shard = sample.sampler, sample.shards[0]
-    decoded = [(raw, v) for raw, v, _ in _decoded(shard, stage.decode) if v is not None]
-    views, keys = [v for _, v in decoded], [sample_key(raw.source) for raw, _ in decoded]
+    pairs = [(raw, v) for raw, v, _ in decoded(shard, stage.decode) if v is not None]
+    views, keys = [v for _, v in pairs], [sample_key(raw.source) for raw, _ in pairs]
     extractor = build_extractor(stage.extractor)
     cut = stage._pixel_patches(extractor, views, keys)
     # the same values as the drawn patches' features in their whole views

@@ -45,6 +45,7 @@ from kmim.datasets.manifest import (
 from kmim.files import TMP_GLOB, atomic_write_bytes
 from kmim.pipeline.checks import check_codebook_extractor, check_extractor, with_codebook
 from kmim.pipeline.compute import Compute, resolve_compute
+from kmim.pipeline.decoding import keep_decoded
 from kmim.pipeline.fit import FitError, fit_sample_kmeans
 from kmim.pipeline.lock import hold_output
 from kmim.pipeline.runners import map_shards
@@ -77,6 +78,8 @@ from kmim.tokenizers.metrics import counts_report
 
 log = logging.getLogger("kmim")
 FIT_REPORT = "fit-report.json"  # what kmim fit writes beside the codebook
+# What a local job keeps of the images its fit sample decoded, for its tokenization (the CIFAR subset: 27 MiB).
+LOCAL_KEEP_BYTES = 1 << 30
 
 
 class JobError(RuntimeError):
@@ -298,7 +301,7 @@ def run_job(cfg: JobConfig) -> dict:
     when another run holds the output."""
     t_start = time.perf_counter()
     setup = _setup(cfg)
-    with hold_output(setup.fs, setup.root) as confirm:
+    with hold_output(setup.fs, setup.root) as confirm, keep_decoded(LOCAL_KEEP_BYTES if cfg.runner == "local" else 0):
         return _run(setup, t_start, confirm)
 
 

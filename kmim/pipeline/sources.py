@@ -13,13 +13,14 @@ a Parquet value's length); it is skipped as ``too_large``.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import posixpath
 import re
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 import fsspec
@@ -345,12 +346,12 @@ def _read_builtin(shard: InputShard) -> Iterator[RawSample]:
         yield RawSample(f"sklearn-digits/{i:04d}.png", buf.getvalue(), int(targets[i]))
 
 
-def read_shard(shard: InputShard, source: SourceSpec) -> Iterator[RawSample]:
-    """Yield the raw samples of one input shard of ``source``, in a fixed order."""
+def read_shard(shard: InputShard, source: SourceSpec, start: int = 0) -> Iterator[RawSample]:
+    """Yield the raw samples of one input shard of ``source``, in a fixed order, from the ``start``-th on."""
     if shard.kind == "folder":
-        return _read_folder(shard, source.max_image_bytes)
+        return _read_folder(replace(shard, files=shard.files[start:]), source.max_image_bytes)
+    if shard.kind == "builtin":
+        return _read_builtin(replace(shard, start=shard.start + start))
     if shard.kind == "tar":
-        return _read_tar(shard, source.max_image_bytes)
-    if shard.kind == "parquet":
-        return _read_parquet(shard, source)
-    return _read_builtin(shard)
+        return itertools.islice(_read_tar(shard, source.max_image_bytes), start, None)
+    return itertools.islice(_read_parquet(shard, source), start, None)

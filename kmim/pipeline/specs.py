@@ -15,9 +15,10 @@ import numpy as np
 
 from kmim.config import JobConfig
 from kmim.datasets.preprocess import Preprocess, ViewSpec
+from kmim.pipeline.decoding import DecodeSpec
 from kmim.pipeline.fit import FitSample, FitSpec
 from kmim.pipeline.sources import InputShard, SourceSpec
-from kmim.pipeline.stages import DecodeSpec, FitSampleStage, OutputSpec, TokenizeStage
+from kmim.pipeline.stages import FitSampleStage, OutputSpec, TokenizeStage
 from kmim.tokenizers.extractors import ExtractorSpec, PixelSpec
 from kmim.tokenizers.learned import LearnedSpec
 

@@ -1,8 +1,9 @@
 """The two stages, each a frozen callable over one input shard built with only the settings it uses: sample fit
 features (:class:`FitSampleStage`), and tokenize (:class:`TokenizeStage`).
 
-Both run unchanged in-process or as Ray tasks. Each image is decoded once and its views rendered with
-:func:`kmim.datasets.preprocess.decode_views`, whose renderer the training loader uses too.
+Both run unchanged in-process or as Ray tasks. Each image is decoded once per stage and its views rendered with
+:func:`kmim.datasets.preprocess.decode_views`, whose renderer the training loader uses too; within
+:func:`kmim.pipeline.decoding.keep_decoded`, once per job.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import json
 import logging
 import tempfile
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -25,9 +24,10 @@ from fsspec import AbstractFileSystem
 
 from kmim.datasets.codebook import Codebook, load_codebook
 from kmim.datasets.manifest import CODEBOOK, TokenCounts, index_name, shard_name, write_index
-from kmim.datasets.preprocess import Preprocess, SkipImage, Views, ViewSpec, decode_views
+from kmim.datasets.preprocess import Views
 from kmim.datasets.shards import ShardWriter, encode_npy
-from kmim.pipeline.sources import InputShard, RawSample, SourceSpec, read_shard
+from kmim.pipeline.decoding import DecodeSpec, decoded, decoded_once, keep, sample_key
+from kmim.pipeline.sources import InputShard, RawSample
 from kmim.storage import get_file, is_local, join, open_url, put_verified, staging_dir
 from kmim.tokenizers.assign import nearest
 from kmim.tokenizers.extractors import Extractor, ExtractorSpec, PixelSpec, build_extractor
@@ -38,24 +38,6 @@ log = logging.getLogger("kmim")
 def json_digest(obj) -> str:
     """24-hex-digit sha256 of ``obj`` as canonical JSON: a stable name for a set of settings."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def sample_key(source: str) -> str:
-    """Stable 16-hex-digit key of an input; sources are unique within a dataset, hence keys too."""
-    return hashlib.sha1(source.encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class DecodeSpec:
-    """How a stage turns an input shard into views: read as ``source`` says, each image decoded once on ``threads``
-    threads (None: the CPUs this process may use, which Ray sets per worker) into the ``views`` of ``preprocess``'s
-    size, which the extractor sees rendered at ``extract_size`` px."""
-
-    source: SourceSpec
-    preprocess: Preprocess
-    threads: int | None
-    views: ViewSpec
-    extract_size: int
 
 
 @dataclass(frozen=True)
@@ -71,45 +53,6 @@ class OutputSpec:
 
 def token_dtype(k: int) -> np.dtype:
     return np.dtype(np.uint16) if k <= 65536 else np.dtype(np.int32)
-
-
-def _decode_one(raw: RawSample, decode: DecodeSpec) -> tuple[RawSample, Views | None, str | None]:
-    """(raw, views, None), or (raw, None, skip reason) with a warning naming the input and why it is skipped."""
-    if raw.skip is not None:
-        reason, detail = raw.skip, raw.detail
-    else:
-        try:
-            return raw, decode_views(raw.data or b"", decode.preprocess, decode.views, sample_key(raw.source),
-                                     decode.extract_size), None
-        except SkipImage as e:
-            reason, detail = e.reason, e.detail
-    log.warning("skipped %s: %s%s", raw.source, reason, f" ({detail})" if detail else "")
-    return raw, None, reason
-
-
-def _decoded(shard: InputShard, decode: DecodeSpec) -> Iterator[tuple[RawSample, Views | None, str | None]]:
-    """(raw sample, views or None, skip reason or None) for every input of the shard, in order.
-
-    Decodes on ``decode.threads`` threads (default: the CPUs this process may use, which Ray sets
-    per worker), so a GPU worker's batch is decoded by all the cores it holds, in the same process that
-    extracts and assigns it. At most 4 images per thread are decoded ahead of the consumer.
-    """
-    threads = decode.threads or torch.get_num_threads()
-    if threads == 1:
-        yield from (_decode_one(raw, decode) for raw in read_shard(shard, decode.source))
-        return
-    ahead: deque[Future] = deque()
-    with ThreadPoolExecutor(threads, thread_name_prefix="kmim-decode") as pool:
-        try:
-            for raw in read_shard(shard, decode.source):
-                ahead.append(pool.submit(_decode_one, raw, decode))
-                if len(ahead) >= 4 * threads:
-                    yield ahead.popleft().result()
-            while ahead:
-                yield ahead.popleft().result()
-        finally:  # the consumer may stop early (the fit sample needs only the first images)
-            for f in ahead:
-                f.cancel()
 
 
 def _batch_tensor(views: list[Views]) -> torch.Tensor:
@@ -150,13 +93,16 @@ class FitSampleStage:
 
     def __call__(self, shard: InputShard) -> np.ndarray:
         extractor = build_extractor(self.extractor)
-        views, keys = [], []
-        for raw, view, _ in _decoded(shard, self.decode):
+        views, keys, seen = [], [], []
+        for item in decoded(shard, self.decode):
+            seen.append(item)
+            raw, view, _ = item
             if view is not None:
                 views.append(view)
                 keys.append(sample_key(raw.source))
                 if len(views) == self.images:
                     break
+        keep(shard, self.decode, seen)
         sample = self._pixel_patches if isinstance(self.extractor, PixelSpec) else self._features
         out = [sample(extractor, views[i:i + self.batch_size], keys[i:i + self.batch_size])
                for i in range(0, len(views), self.batch_size)]
@@ -345,7 +291,7 @@ class TokenizeStage:
 
         with ShardWriter(out / name) as writer:  # an exception discards the shard (its temporary file)
             t = time.perf_counter()
-            for raw, view, reason in _decoded(shard, self.decode):
+            for raw, view, reason in decoded_once(shard, self.decode):
                 timing["decode"] += time.perf_counter() - t
                 record.add_input(raw, view, reason)
                 if reason is None:
