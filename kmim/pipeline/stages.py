@@ -109,9 +109,12 @@ class FitSampleStage:
         return np.concatenate(out) if out else np.zeros((0, extractor.dim), np.float32)
 
     def _drawn(self, key: str, total: int) -> np.ndarray:
-        """Indices of the patches drawn from the ``total`` patches of the views of the image with hex ``key``."""
+        """Indices of the patches drawn from the ``total`` patches of the views of the image with hex ``key``: all,
+        in order, when ``patches`` >= ``total``."""
+        if self.patches >= total:
+            return np.arange(total)
         rng = np.random.default_rng([self.seed, int(key, 16)])
-        return rng.choice(total, size=min(self.patches, total), replace=False)
+        return rng.choice(total, size=self.patches, replace=False)
 
     def _features(self, extractor: Extractor, views: list[Views], keys: list[str]) -> np.ndarray:
         """float32 [n, D]: the drawn patches' features of a batch of images, extracted from their whole views."""
@@ -125,13 +128,13 @@ class FitSampleStage:
         alone: only the drawn patches are cut out and extracted, each as an image of one patch (the same values,
         a tenth of the work at 20 of 196 patches)."""
         p = self.extractor.patch_size
-        cut = []
-        for view, key in zip(views, keys, strict=True):
-            v, n = view.extract.shape[:2]
-            patches = view.extract.reshape(v, n // p, p, n // p, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, p, p, 3)
-            cut.append(patches[self._drawn(key, patches.shape[0])])
+        stacked = np.stack([v.extract for v in views])  # [B, V, N, N, 3]
+        b, v, n = stacked.shape[:3]
+        patches = stacked.reshape(b, v, n // p, p, n // p, p, 3).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, -1, p, p, 3)
+        drawn = np.stack([self._drawn(key, patches.shape[1]) for key in keys])  # [B, drawn per image]
+        cut = np.take_along_axis(patches, drawn[:, :, None, None, None], 1).reshape(-1, p, p, 3)
         with torch.inference_mode():
-            feats = extractor(torch.from_numpy(np.concatenate(cut)).permute(0, 3, 1, 2))
+            feats = extractor(torch.from_numpy(cut).permute(0, 3, 1, 2))
         return feats.reshape(-1, feats.shape[-1]).float().numpy()
 
 

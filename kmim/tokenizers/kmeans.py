@@ -118,9 +118,11 @@ def batch_stats(xb: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, centroid
     Sums and costs in float64; per-point costs only when ``candidates`` (how many reseeding candidates to keep: the
     farthest points) is not 0.
     """
-    ids, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-    sums = torch.zeros(ids.numel(), xb.shape[1], dtype=torch.float64).index_add_(0, inverse, xb.double())
-    counts = torch.bincount(inverse, minlength=ids.numel())
+    # Dense over K, then the centroids that got points: cheaper than torch.unique's sort at K <= ~64k.
+    counts = torch.bincount(idx, minlength=centroids.shape[0])
+    ids = torch.nonzero(counts).flatten()
+    sums = torch.zeros(centroids.shape[0], xb.shape[1], dtype=torch.float64).index_add_(0, idx, xb.double())[ids]
+    counts = counts[ids]
     cost = summed_cost(sq, centroids[ids].double(), sums, counts, metric)
     if not candidates:
         none = torch.zeros(0, dtype=torch.int64)
@@ -249,6 +251,9 @@ class Partition:
 
     def start_epoch(self, order: torch.Tensor) -> None:
         """Sort this partition's points by their position in the epoch's global order."""
+        if self.offset == 0 and self.x.shape[0] == order.numel():  # all the points: their order is the epoch's
+            self._pos, self._rows = torch.arange(order.numel()), order
+            return
         position = torch.empty_like(order)
         position[order] = torch.arange(order.numel())
         self._pos, self._rows = position[self.offset:self.offset + self.x.shape[0]].sort()
