@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kmim.tokenizers.assign import fast_method, nearest
-from kmim.tokenizers.kmeans import fit_kmeans, kmeans_plus_plus, point_cost, summed_cost
+from kmim.tokenizers.kmeans import Scratch, fit_kmeans, kmeans_plus_plus, point_cost, summed_cost
 
 
 def brute_force(x: torch.Tensor, c: torch.Tensor, metric: str = "l2") -> torch.Tensor:
@@ -133,3 +133,18 @@ def test_fast_search_is_a_fixed_backend() -> None:
     assert fast_method("cpu") == "faiss" and fast_method("cuda") == "torch"
     x, c = torch.randn(300, 8), torch.randn(20, 8)
     assert torch.equal(nearest(x, c, exact=False)[0], nearest(x, c, exact=False, method="faiss")[0])
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_point_costs_in_reused_buffers_are_the_fresh_ones(metric: str) -> None:
+    x = mixture(500, seed=4)
+    c = x[:9].clone()
+    idx, _ = nearest(x, c, metric=metric)
+    fresh, before = point_cost(x, c, idx, metric), x.clone()
+    scratch = Scratch()
+    for rows in (500, 120, 500):  # a smaller batch reuses the larger buffer
+        assert torch.equal(point_cost(x[:rows], c, idx[:rows], metric, scratch), fresh[:rows])
+    assert torch.equal(x, before)  # the points themselves are never written
+    x64, c64 = x.double(), c.double()[idx]
+    expected = ((x64 - c64) ** 2).sum(1) if metric == "l2" else 1.0 - (x64 * c64).sum(1)
+    assert torch.equal(fresh, expected)  # bit for bit the out-of-place arithmetic
