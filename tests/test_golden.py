@@ -23,7 +23,7 @@ from kmim.pipeline.job import run_job
 
 EXPECTED = {
     "codebook.safetensors": "fea115c54f274ed90888c281bc3fb169e91f8d9d15e457ad90c813901f9909c9",
-    "manifest.json": "f80a4d7ec1f154852ec99be3b7d5e577ce246242a32953a6bf76bf7709f512fa",
+    "manifest.json": "a6f29e616d19ca8e59bbcbdd53dae2552905634283714dd20b98771e6e68ebbb",
     "shard-00000.tar": "ca830d01a0d0a2be4ed5deeeb9a2f1478876c65d12f4d69f2fcad9032c70adf2",
     "shard-00001.tar": "15637f86b52b2114c00a91bf6c8edc1ad0b6e9698a1da58114246e7c1909381d",
     "shard-00002.tar": "a814e0640bac23e88a4491b746af8dd2cd92e4a7a772da84acaa2dd5d2c5ce3e",

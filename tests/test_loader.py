@@ -228,7 +228,7 @@ def test_checksum_and_size_mismatches_are_detected(copy: Path) -> None:
 
 def test_images_are_the_tokenized_view_and_tokens_the_stored_grid(dataset: Path) -> None:
     samples = stored(dataset)
-    pre = Preprocess(32)
+    pre = Preprocess(32, render=read_manifest(dataset)["preprocess"]["render"])  # the render the dataset records
     mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
     ds = TokenDataset(dataset, batch_size=4, rank=0, world_size=1, drop_last=False)
     seen = set()

@@ -125,7 +125,7 @@ def test_local_run_end_to_end_with_bad_inputs(image_folder: Path, tmp_path: Path
             meta = json.loads(s["json"])
             ext = next(x for x in ("png", "jpg") if x in s)
             assert s[ext] == (image_folder / meta["source"]).read_bytes()
-            view = decode_view(s[ext], Preprocess(32))
+            view = decode_view(s[ext], Preprocess(32, render=manifest["preprocess"]["render"]))
             assert view.geometry == meta["view"]
             feats = extractor(torch.from_numpy(view.pixels.copy()).permute(2, 0, 1)[None])[0].reshape(-1, 192).double()
             ref = ((feats[:, None] - book.centroids.double()[None]) ** 2).sum(-1).argmin(1).reshape(4, 4)

@@ -120,7 +120,8 @@ def test_learned_tokens_match_the_rendered_views(folder: Path, tmp_path: Path, t
             shard, pos = divmod(index, 6)
             with open(out / f"shard-{shard:05d}.tar", "rb") as f:
                 sample = list(iter_tar(f, "shard"))[pos]
-            source = decode_source(sample[next(e for e in ("png", "jpg") if e in sample)], Preprocess(32))
+            source = decode_source(sample[next(e for e in ("png", "jpg") if e in sample)],
+                                   Preprocess(32, render=manifest["preprocess"]["render"]))
             images = torch.from_numpy(np.stack([render(source.image, g["view"], tokenizer_size) for g in got]))
             images = images.permute(0, 3, 1, 2)
         with torch.inference_mode():
