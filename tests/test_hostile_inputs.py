@@ -318,6 +318,34 @@ def test_fifos_and_devices_in_a_folder_are_never_opened(tmp_path: Path) -> None:
                      [folder / "shards.tar"])
 
 
+def test_file_and_class_names_that_are_not_utf8_are_kept(tmp_path: Path) -> None:
+    """A file or class folder whose name is not UTF-8 is tokenized like any other; the dataset records the name
+    with its undecodable bytes as \\xNN (valid UTF-8 everywhere) and keys the sample by its real bytes."""
+    from kmim.pipeline.decoding import sample_key
+
+    folder = make_image_folder(tmp_path / "images", per_class=4)
+    os.rename(folder / "class_0" / "img_000.png", os.fsencode(folder / "class_0") + b"/caf\xe9.png")
+    # and a file literally named like the recorded name of the first
+    os.rename(folder / "class_0" / "img_002.png", os.fsencode(folder / "class_0") + b"/caf\\xe9.png")
+    os.rename(folder / "class_1", os.fsencode(folder) + b"/class_\xff")
+    out = tmp_path / "out"
+    summary = run(out, input=str(folder))
+    manifest = read_manifest(out)
+    assert manifest["inputs"] == manifest["samples"] == 12 and summary["skipped"] == {}
+    assert manifest["labels"] == ["class_0", "class_2", "class_\\xff"]
+    sources, keys = [], []
+    for e in manifest["shards"]:
+        index = read_index(out / e["index"]).to_pydict()
+        sources += index["source"]
+        keys += index["key"]
+    assert sources.count("class_0/caf\\xe9.png") == 2 and len(set(keys)) == 12  # one recorded name, two keys
+    assert sample_key(os.fsdecode(b"class_0/caf\xe9.png")) in keys
+    assert sum(s.startswith("class_\\xff/") for s in sources) == 4
+    assert verify_dataset(out) == []
+    batches = list(TokenDataset(out, batch_size=4, rank=0, world_size=1, drop_last=False).batches(0))
+    assert sum(len(b["key"]) for b in batches) == 12
+
+
 # --- 4. --max-image-pixels independent of Pillow's own limit ----------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kmim.datasets.preprocess import Preprocess, SkipImage, Views, ViewSpec, decode_views
-from kmim.pipeline.sources import InputShard, RawSample, SourceSpec, read_shard
+from kmim.pipeline.sources import InputShard, RawSample, SourceSpec, read_shard, recorded_name
 
 log = logging.getLogger("kmim")
 
@@ -28,8 +28,9 @@ Decoded = tuple[RawSample, Views | None, str | None]  # (raw sample, views or No
 
 
 def sample_key(source: str) -> str:
-    """Stable 16-hex-digit key of an input; sources are unique within a dataset, hence keys too."""
-    return hashlib.sha1(source.encode()).hexdigest()[:16]
+    """Stable 16-hex-digit key of an input; sources are unique within a dataset, hence keys too (a file name that
+    is not UTF-8 is keyed by its bytes)."""
+    return hashlib.sha1(source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _decode_one(raw: RawSample, decode: DecodeSpec) -> Decoded:
                                      decode.extract_size), None
         except SkipImage as e:
             reason, detail = e.reason, e.detail
-    log.warning("skipped %s: %s%s", raw.source, reason, f" ({detail})" if detail else "")
+    log.warning("skipped %s: %s%s", recorded_name(raw.source), reason, f" ({detail})" if detail else "")
     return raw, None, reason
 
 

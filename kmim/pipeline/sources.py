@@ -148,6 +148,17 @@ def _regular_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     return sorted(p for p, info in fs.find(root, withdirs=False, detail=True).items() if info.get("type") == "file")
 
 
+def recorded_name(name: str) -> str:
+    """``name`` (a source or a class folder) as a dataset records it: valid UTF-8 text. A file name that is not
+    UTF-8 (on POSIX its undecodable bytes arrive as lone surrogates) has those bytes written as ``\\xNN``; the
+    sample key is still that of the real name (:func:`kmim.pipeline.decoding.sample_key`), so keys stay unique."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name
+
+
 def _plan_folder(fs, root: str, listing: list[str], shard_size: int) -> tuple[list[InputShard], list[str] | None]:
     rel = sorted(posixpath.relpath(p, root) for p in listing if _is_image(p))
     if not rel:
@@ -158,7 +169,7 @@ def _plan_folder(fs, root: str, listing: list[str], shard_size: int) -> tuple[li
     location = _url(fs, root)
     shards = [InputShard(i, "folder", location, tuple(files[a:b]), a, b)
               for i, (a, b) in enumerate(_chunks(len(files), shard_size))]
-    return shards, classes or None
+    return shards, [recorded_name(c) for c in classes] or None
 
 
 def _plan_parquet(fs, paths: list[str], source: SourceSpec) -> list[InputShard]:

@@ -27,7 +27,7 @@ from kmim.datasets.manifest import CODEBOOK, TokenCounts, index_name, shard_name
 from kmim.datasets.preprocess import Views
 from kmim.datasets.shards import ShardWriter, encode_npy
 from kmim.pipeline.decoding import DecodeSpec, decoded, decoded_once, keep, sample_key
-from kmim.pipeline.sources import InputShard, RawSample
+from kmim.pipeline.sources import InputShard, RawSample, recorded_name
 from kmim.storage import get_file, is_local, join, open_url, put_verified, staging_dir
 from kmim.tokenizers.assign import nearest
 from kmim.tokenizers.extractors import Extractor, ExtractorSpec, PixelSpec, build_extractor
@@ -200,7 +200,7 @@ class _ShardRecord:
 
     def add_input(self, raw: RawSample, views: Views | None, reason: str | None) -> None:
         size = views.source_size if views is not None else [None, None]
-        self.rows.append({"key": sample_key(raw.source), "source": raw.source, "label": raw.label,
+        self.rows.append({"key": sample_key(raw.source), "source": recorded_name(raw.source), "label": raw.label,
                           "status": reason or "ok", "width": size[0], "height": size[1]})
         if reason is not None:
             self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -228,7 +228,7 @@ def _write_samples(writer: ShardWriter, batch: list[tuple[RawSample, Views]], gr
     for (raw, views), grid in zip(batch, grids, strict=True):
         key = sample_key(raw.source)
         one = len(views.geometry) == 1
-        meta = {"key": key, "source": raw.source, "label": raw.label,
+        meta = {"key": key, "source": recorded_name(raw.source), "label": raw.label,
                 "view": views.geometry[0] if one else views.geometry}
         writer.write({"__key__": key, views.ext: views.data, "tokens.npy": encode_npy(grid[0] if one else grid),
                       "json": _SAMPLE_JSON.encode(meta).encode()})
