@@ -332,14 +332,16 @@ def test_fit_report_and_codebook_record_the_fit_assignment(image_folder: Path, t
         assert (report["fit_assign"] == "exact") == exact
 
 
-@pytest.mark.parametrize("settings", [{}, {"norm_pix": True, "normalize": "none"}, {"views": 3, "patch_size": 4}])
+@pytest.mark.parametrize("settings", [{}, {"norm_pix": True, "normalize": "none"}, {"views": 3, "patch_size": 4},
+                                      {"fit_patches": 10**6}])  # the last draws every patch
 def test_pixel_fit_sample_extracts_only_the_drawn_patches(image_folder: Path, tmp_path: Path, settings: dict) -> None:
     from kmim.pipeline.decoding import decoded, sample_key
     from kmim.pipeline.sources import plan_inputs
     from kmim.pipeline.specs import fit_sample, source_spec
     from kmim.tokenizers.extractors import build_extractor
 
-    cfg = load_config(None, job_overrides(out=str(tmp_path), input=str(image_folder), fit_patches=500, **settings))
+    settings = {"fit_patches": 500, **settings}
+    cfg = load_config(None, job_overrides(out=str(tmp_path), input=str(image_folder), **settings))
     sample = fit_sample(cfg, plan_inputs(source_spec(cfg))[0])
     stage, shard = sample.sampler, sample.shards[0]
     pairs = [(raw, v) for raw, v, _ in decoded(shard, stage.decode) if v is not None]

@@ -131,8 +131,10 @@ class FitSampleStage:
         stacked = np.stack([v.extract for v in views])  # [B, V, N, N, 3]
         b, v, n = stacked.shape[:3]
         patches = stacked.reshape(b, v, n // p, p, n // p, p, 3).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, -1, p, p, 3)
-        drawn = np.stack([self._drawn(key, patches.shape[1]) for key in keys])  # [B, drawn per image]
-        cut = np.take_along_axis(patches, drawn[:, :, None, None, None], 1).reshape(-1, p, p, 3)
+        if self.patches < patches.shape[1]:
+            drawn = np.stack([self._drawn(key, patches.shape[1]) for key in keys])  # [B, drawn per image]
+            patches = np.take_along_axis(patches, drawn[:, :, None, None, None], 1)
+        cut = patches.reshape(-1, p, p, 3)
         with torch.inference_mode():
             feats = extractor(torch.from_numpy(cut).permute(0, 3, 1, 2))
         return feats.reshape(-1, feats.shape[-1]).float().numpy()
