@@ -30,7 +30,7 @@ from common import CIFAR, cifar_patches, emit, machine
 
 from kmim.datasets.codebook import load_codebook
 from kmim.tokenizers.assign import nearest
-from kmim.tokenizers.kmeans import point_cost
+from kmim.tokenizers.minibatch import point_cost
 
 SCRIPT = """
 import sys

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kmim.tokenizers.assign import fast_method, nearest
-from kmim.tokenizers.kmeans import Scratch, fit_kmeans, kmeans_plus_plus, point_cost, summed_cost
+from kmim.tokenizers.kmeans import fit_kmeans, kmeans_plus_plus
+from kmim.tokenizers.minibatch import Scratch, point_cost, summed_cost
 
 
 def brute_force(x: torch.Tensor, c: torch.Tensor, metric: str = "l2") -> torch.Tensor:

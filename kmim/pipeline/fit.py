@@ -28,17 +28,9 @@ from kmim.pipeline.runners import cpus_per_gpu, ensure_ray, map_shards
 from kmim.pipeline.sources import InputShard
 from kmim.pipeline.stages import FitSampleStage, json_digest
 from kmim.tokenizers.extractors import build_extractor
-from kmim.tokenizers.kmeans import (
-    KMeansResult,
-    Partition,
-    StepStats,
-    fit_kmeans,
-    merge_stats,
-    part_digest,
-    points_digest,
-    run_minibatch,
-)
+from kmim.tokenizers.kmeans import KMeansResult, Partition, fit_kmeans, part_digest, points_digest, run_minibatch
 from kmim.tokenizers.learned import torch_device
+from kmim.tokenizers.minibatch import StepStats, merge_stats
 
 # The largest fit sample (float32 features before subsampling, see :func:`sample_bytes`) that the Ray runner
 # gathers in its driver on a single-node cluster, where one process fits without a round trip per step.

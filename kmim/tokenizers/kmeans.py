@@ -3,9 +3,10 @@
 One algorithm, one loop (:func:`run_minibatch`), over any :class:`FitData`: the points may sit in this
 process (:class:`LocalData`, used by :func:`fit_kmeans`) or be split into contiguous ranges of the global
 point index held by Ray actors (:mod:`kmim.pipeline.fit`). Each step, every range reports per-centroid
-sums and counts of its points in that step's mini-batch (:func:`batch_stats`); the loop reduces them
-(:func:`merge_stats`) and moves the centroids (:func:`apply_step`). Sums are float64, so the result does
-not depend on how the points are split beyond float64 rounding.
+sums and counts of its points in that step's mini-batch (:func:`kmim.tokenizers.minibatch.batch_stats`);
+the loop reduces them (:func:`kmim.tokenizers.minibatch.merge_stats`) and moves the centroids
+(:func:`apply_step`). Sums are float64, so the result does not depend on how the points are split beyond
+float64 rounding.
 
 Two assignments drive the updates. Exact (``exact=True``): the exact nearest centroid on any device, backend
 or thread count, so the fit does not depend on where it runs either (k-means++ depends on neither the thread
@@ -42,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from kmim.files import atomic_write
 from kmim.tokenizers.assign import exact_method, fast_method, nearest
 from kmim.tokenizers.kmeanspp import kmeans_plus_plus
+from kmim.tokenizers.minibatch import Scratch, StepStats, batch_stats, point_cost
 
 logger = logging.getLogger("kmim")
 CHECKPOINT = "kmeans-state.safetensors"
@@ -67,102 +69,6 @@ def part_digest(part: np.ndarray) -> str:
 def points_digest(part_digests: Sequence[str]) -> str:
     """Digest of the concatenated points from the digests of its parts, in order (no data moves)."""
     return hashlib.sha256(" ".join(part_digests).encode()).hexdigest()
-
-
-# ---- one mini-batch step, shared by every data layout -------------------------------------------------
-
-
-@dataclass
-class StepStats:
-    """Per-centroid statistics of the points of one mini-batch (or of one partition's share of it)."""
-
-    ids: torch.Tensor  # int64 [m], ascending: the centroids nearest to at least one point
-    sums: torch.Tensor  # float64 [m, D]: sum of the points nearest to each
-    counts: torch.Tensor  # int64 [m]: number of those points
-    cost: float  # sum over the points of the cost (squared distance, or 1 - cosine) to the nearest centroid
-    cand_cost: torch.Tensor  # float64 [c]: reseeding candidates, highest cost first (ties: lowest position)
-    cand_pos: torch.Tensor  # int64 [c]: their positions in the mini-batch
-    cand_rows: torch.Tensor  # float32 [c, D]: the candidate points
-
-
-class Scratch:
-    """Work buffers reused across mini-batches: a fresh large tensor costs more in page faults than its arithmetic
-    (a float64 copy of an 8192 x 768 mini-batch took 16 ms fresh and 3 ms reused, on one thread)."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-        """A [rows, cols] tensor of ``dtype`` (contents undefined), the same memory for the same name when it fits."""
-        buf = self._bufs.get(name)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype:
-            buf = self._bufs[name] = torch.empty(rows, cols, dtype=dtype)
-        return buf[:rows]
-
-
-def point_cost(x: torch.Tensor, centroids: torch.Tensor, idx: torch.Tensor, metric: str,
-               scratch: Scratch | None = None) -> torch.Tensor:
-    """float64 [N]: cost of each row of x [N, D] to centroid idx [N], by direct difference (not a GEMM), so a
-    point's cost does not depend on which other points share its batch; in ``scratch``'s buffers when given."""
-    n, d = x.shape
-    if scratch is None:
-        x64, c64 = x.to(torch.float64, copy=True), centroids.double()[idx]
-    else:
-        x64 = scratch.get("cost_x", n, d, torch.float64).copy_(x)
-        c64 = torch.index_select(centroids.double(), 0, idx, out=scratch.get("cost_c", n, d, torch.float64))
-    if metric == "ip":
-        return 1.0 - x64.mul_(c64).sum(1)
-    return x64.sub_(c64).square_().sum(1)
-
-
-def farthest(cost: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of the n highest costs, highest first; equal costs ordered by ascending position."""
-    by_pos = torch.argsort(pos, stable=True)
-    return by_pos[torch.argsort(cost[by_pos], descending=True, stable=True)][:n]
-
-
-def summed_cost(sq: torch.Tensor, c64: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, metric: str) -> float:
-    """The summed cost of points to their centroids from their squared norms sq float64 [b], the centroids that got
-    points c64 float64 [m, D], and the sums [m, D] and counts int64 [m] of their points: sum |x|^2 - 2 c.s + n |c|^2
-    (l2) or sum 1 - c.s (ip): no pass over the points, no gather of their centroids."""
-    dot = float((c64 * sums).sum())
-    if metric == "ip":
-        return sq.numel() - dot
-    return float(sq.sum()) - 2 * dot + float((counts.double() * (c64 * c64).sum(1)).sum())
-
-
-def batch_stats(xb: torch.Tensor, x64: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, centroids: torch.Tensor,
-                *, sq: torch.Tensor, metric: str, candidates: int) -> StepStats:
-    """Statistics of points xb float32 [b, D] (x64: the same in float64) with squared norms sq float64 [b], at
-    mini-batch positions pos int64 [b], assigned to centroids idx int64 [b] of centroids [K, D].
-
-    Sums and costs in float64; per-point costs only when ``candidates`` (how many reseeding candidates to keep: the
-    farthest points) is not 0.
-    """
-    # Dense over K, then the centroids that got points: cheaper than torch.unique's sort at K <= ~64k.
-    counts = torch.bincount(idx, minlength=centroids.shape[0])
-    ids = torch.nonzero(counts).flatten()
-    sums = torch.zeros(centroids.shape[0], xb.shape[1], dtype=torch.float64).index_add_(0, idx, x64)[ids]
-    counts = counts[ids]
-    cost = summed_cost(sq, centroids[ids].double(), sums, counts, metric)
-    if not candidates:
-        none = torch.zeros(0, dtype=torch.int64)
-        return StepStats(ids, sums, counts, cost, none.double(), none, xb[none])
-    point = point_cost(xb, centroids, idx, metric)
-    top = farthest(point, pos, candidates)
-    return StepStats(ids, sums, counts, cost, point[top], pos[top], xb[top])
-
-
-def merge_stats(parts: Sequence[StepStats], candidates: int) -> StepStats:
-    """Reduce the statistics of disjoint shares of one mini-batch (in partition order)."""
-    ids, inverse = torch.unique(torch.cat([p.ids for p in parts]), sorted=True, return_inverse=True)
-    dim = parts[0].sums.shape[1]
-    sums = torch.zeros(ids.numel(), dim, dtype=torch.float64).index_add_(0, inverse, torch.cat([p.sums for p in parts]))
-    counts = torch.zeros(ids.numel(), dtype=torch.int64).index_add_(0, inverse, torch.cat([p.counts for p in parts]))
-    cost, pos = torch.cat([p.cand_cost for p in parts]), torch.cat([p.cand_pos for p in parts])
-    top = farthest(cost, pos, candidates)
-    return StepStats(ids, sums, counts, sum(p.cost for p in parts), cost[top], pos[top],
-                     torch.cat([p.cand_rows for p in parts])[top])
 
 
 # ---- the state and its updates ------------------------------------------------------------------------
