@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import logging
@@ -26,6 +27,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a tokenizer or a trained model.")
 app.add_typer(eval_app, name="eval")
 console = Console(stderr=True, soft_wrap=True)
+
+
+@app.callback()
+def _before_any_command() -> None:
+    # The imported modules' objects (torch's alone are a few hundred thousand) live until exit: frozen, the cyclic
+    # collector never walks them again, in the job or when the interpreter exits (0.38 s to 0.15 s after torch).
+    gc.freeze()
 
 
 _STORAGE_HELP = ("key=value option of the fsspec filesystem, repeatable (e.g. endpoint_url=URL, profile=NAME, "
