@@ -32,8 +32,11 @@ _GEMM_ELEMS = 1 << 25  # rows x K per GEMM chunk (128 MiB of float32 distances)
 _REFINE_ELEMS = 1 << 24  # rows x K per float64 GEMM chunk of the refinement (128 MiB of float64 distances)
 _EXACT_ELEMS = 1 << 24  # rows x centroids x D per float64 direct-difference block (128 MiB)
 _choice: dict[tuple, str] = {}
-# Fewest rows of one thread's faiss search: faiss computes fewer than 20 query rows without its GEMM, which would
-# round differently; more rows per thread than this also keep the threads' overhead small.
+# faiss searches at least this many query rows with its GEMM (faiss's long-standing default, set on every search:
+# faiss 1.15's default of 128,000 sent searches of up to ~4,000 rows against 1,024 centroids to a scalar path that
+# was 4x slower at d=48 and rounds differently). Fewest rows of one thread's search, FAISS_PART, is above it, so
+# every row takes the same GEMM path however a search is split; it also keeps the threads' overhead small.
+BLAS_ROWS = 20
 FAISS_PART = 1024
 # faiss's GEMM blocks (query rows x centroids) by dimension: its defaults (4096 x 1024: 16 MiB of distances per
 # block) suit large dimensions, but at small ones reading the distances back dominates and 512 x 512 blocks (1 MiB,
@@ -141,6 +144,7 @@ def _scores_faiss(x: torch.Tensor, c: torch.Tensor, metric: str, n: int,
     FAISS_PART rows, so faiss computes each row by the same GEMM path.
     """
     faiss = _faiss()
+    faiss.cvar.distance_compute_blas_threshold = BLAS_ROWS
     faiss.cvar.distance_compute_blas_query_bs, faiss.cvar.distance_compute_blas_database_bs = _BLOCKS[
         c.shape[1] <= SMALL_DIM]
     index = faiss.IndexFlatL2(c.shape[1]) if metric == "l2" else faiss.IndexFlatIP(c.shape[1])
