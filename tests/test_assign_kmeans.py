@@ -149,3 +149,14 @@ def test_point_costs_in_reused_buffers_are_the_fresh_ones(metric: str) -> None:
     x64, c64 = x.double(), c.double()[idx]
     expected = ((x64 - c64) ** 2).sum(1) if metric == "l2" else 1.0 - (x64 * c64).sum(1)
     assert torch.equal(fresh, expected)  # bit for bit the out-of-place arithmetic
+
+
+def test_a_split_faiss_search_rounds_like_the_whole_one() -> None:
+    """Every part of a split search (>= FAISS_PART rows) takes faiss's GEMM path, as the whole search does: the
+    float32 top-1 and its scores do not depend on the split."""
+    x = torch.randn(4 * 1024 + 999, 48, generator=torch.Generator().manual_seed(5))
+    c = torch.randn(1024, 48, generator=torch.Generator().manual_seed(6))
+    whole = nearest(x, c, method="faiss", exact=False, threads=1)
+    for threads in (2, 4, None):
+        split = nearest(x, c, method="faiss", exact=False, threads=threads)
+        assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
