@@ -5,7 +5,7 @@ The search is the one kmim runs in a k-means fit (``kmim/tokenizers/assign.py``:
 split into 2 halves searched concurrently by a 2-thread pool, each half a one-thread faiss search
 (``_search_part``: ``faiss.omp_set_num_threads(1)`` on the worker). Block settings (query rows x centroids,
 ``faiss.cvar.distance_compute_blas_query_bs`` / ``..._database_bs``): ``default``, faiss's 4096 x 1024, and
-``small``, kmim's blocks for dimensions <= ``SMALL_DIM`` (``_BLOCKS[True]``). Shapes (d, K, queries): (48, 1024,
+``small``, kmim's (``BLAS_BLOCKS``). Shapes (d, K, queries): (48, 1024,
 131072), (48, 8192, 65536), (384, 1024, 32768), (768, 8192, 16384); random float32 data (numpy default_rng(0)).
 
 Rounds alternate the two settings; each setting's best round counts. Prints seconds per pass (all queries once)
@@ -25,12 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from common import emit, machine
 
-from kmim.tokenizers.assign import _BLOCKS, SMALL_DIM, _faiss, _search_part
+from kmim.tokenizers.assign import BLAS_BLOCKS, BLAS_ROWS, _faiss, _search_part
 
 SHAPES = ((48, 1024, 131072), (48, 8192, 65536), (384, 1024, 32768), (768, 8192, 16384))
 BATCH = 8192
 THREADS = 2
-SETTINGS = {"default": _BLOCKS[False], "small": _BLOCKS[True]}
+SETTINGS = {"default": (4096, 1024), "small": BLAS_BLOCKS}  # faiss's defaults, kmim's
 
 
 def one_pass(index, queries: np.ndarray, n: int, pool: ThreadPoolExecutor) -> float:
@@ -49,6 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     faiss = _faiss()  # sets OPENBLAS_CORETYPE first where that helps
     saved = faiss.cvar.distance_compute_blas_query_bs, faiss.cvar.distance_compute_blas_database_bs
+    faiss.cvar.distance_compute_blas_threshold = BLAS_ROWS  # as kmim's searches run: every part by the GEMM
     rng = np.random.default_rng(0)
     summary = {}
     try:
@@ -67,16 +68,14 @@ def main() -> None:
                             faiss.cvar.distance_compute_blas_database_bs = dbs
                             best[name] = min(best[name], one_pass(index, queries, n, pool))
                     ratio = round(best["default"] / best["small"], 2)
-                    kmim_uses = "small" if d <= SMALL_DIM else "default"
                     for name, (qbs, dbs) in SETTINGS.items():
                         emit(bench="search_blocks", d=d, k=k, queries=nq, top=n, blocks=name, query_bs=qbs,
                              database_bs=dbs, seconds_per_pass=round(best[name], 4))
-                    emit(bench="search_blocks", d=d, k=k, queries=nq, top=n, default_over_small=ratio,
-                         kmim_uses=kmim_uses)
+                    emit(bench="search_blocks", d=d, k=k, queries=nq, top=n, default_over_small=ratio)
                     summary[f"d{d}_k{k}_top{n}_default_over_small"] = ratio
     finally:
         faiss.cvar.distance_compute_blas_query_bs, faiss.cvar.distance_compute_blas_database_bs = saved
-    emit(bench="search_blocks", summary=True, small_dim=SMALL_DIM, batch=BATCH, threads=THREADS, rounds=args.rounds,
+    emit(bench="search_blocks", summary=True, batch=BATCH, threads=THREADS, rounds=args.rounds,
          **summary, machine=machine(), load_average=round(os.getloadavg()[0], 2))
 
 

@@ -38,11 +38,10 @@ _choice: dict[tuple, str] = {}
 # every row takes the same GEMM path however a search is split; it also keeps the threads' overhead small.
 BLAS_ROWS = 20
 FAISS_PART = 1024
-# faiss's GEMM blocks (query rows x centroids) by dimension: its defaults (4096 x 1024: 16 MiB of distances per
-# block) suit large dimensions, but at small ones reading the distances back dominates and 512 x 512 blocks (1 MiB,
-# in L2) searched 25-35% faster (d=48: K=1024 and 8192, top-1 and top-2); at d=384 they were 25% slower.
-SMALL_DIM = 128
-_BLOCKS = {True: (512, 512), False: (4096, 1024)}
+# faiss's GEMM blocks (query rows x centroids): with its defaults (4096 x 1024) a block's distances take 16 MiB and
+# reading them back dominates at small dimensions; 512 x 512 blocks (1 MiB, in L2) searched 18-24% faster at d=48
+# (K=1024 and 8192, top-1 and top-2) and 3-5% at d=384 and 768 (benchmarks/search_blocks.py).
+BLAS_BLOCKS = (512, 512)
 
 
 def _precision_switches() -> list:
@@ -145,8 +144,7 @@ def _scores_faiss(x: torch.Tensor, c: torch.Tensor, metric: str, n: int,
     """
     faiss = _faiss()
     faiss.cvar.distance_compute_blas_threshold = BLAS_ROWS
-    faiss.cvar.distance_compute_blas_query_bs, faiss.cvar.distance_compute_blas_database_bs = _BLOCKS[
-        c.shape[1] <= SMALL_DIM]
+    faiss.cvar.distance_compute_blas_query_bs, faiss.cvar.distance_compute_blas_database_bs = BLAS_BLOCKS
     index = faiss.IndexFlatL2(c.shape[1]) if metric == "l2" else faiss.IndexFlatIP(c.shape[1])
     index.add(np.ascontiguousarray(c.cpu().numpy(), dtype=np.float32))
     rows = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
