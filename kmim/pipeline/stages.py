@@ -33,6 +33,8 @@ from kmim.tokenizers.assign import nearest
 from kmim.tokenizers.extractors import Extractor, ExtractorSpec, PixelSpec, build_extractor
 
 log = logging.getLogger("kmim")
+# Features searched at once by the tokenize stage (rows): the extraction batches' features are gathered up to this.
+SEARCH_ROWS = 16384
 
 
 def json_digest(obj) -> str:
@@ -157,8 +159,9 @@ def _codebook(url: str, storage_options: dict) -> Codebook:
 
 
 class _Assigner:
-    """Token grids of a batch of views: extract, then the exact nearest-centroid search on the features' device
-    (a GPU actor's GPU), accumulating the seconds of each phase in ``timing``."""
+    """Token grids of views: extract a batch (on the extractor's device: a GPU actor's GPU), then the exact
+    nearest-centroid search of one or more batches' features on their device, accumulating the seconds of each
+    phase in ``timing``."""
 
     def __init__(self, extractor: ExtractorSpec, method: str, book: Codebook, codebook_path: str,
                  timing: dict[str, float]) -> None:
@@ -170,26 +173,32 @@ class _Assigner:
         self.centroids = {book.centroids.device: book.centroids}  # copied once to each device used
         self.dtype = token_dtype(book.k)
 
-    def _tokens(self, views: list[Views]) -> torch.Tensor:
-        """int64 [B, V, h, w] on the CPU."""
+    def _extract(self, views: list[Views]) -> torch.Tensor:
         t0 = time.perf_counter()
         with torch.inference_mode():
             feats = self.extractor(_batch_tensor(views))
         if feats.is_cuda:
             torch.cuda.synchronize(feats.device)  # so the phases' times are the GPU's
-        t1 = time.perf_counter()
-        _, h, w, d = feats.shape
-        if feats.device not in self.centroids:
-            self.centroids[feats.device] = self.book.centroids.to(feats.device)
-        tokens, _ = nearest(feats.reshape(-1, d), self.centroids[feats.device], metric=self.extractor.metric,
-                            method=self.method)
-        self.timing["extract"] += t1 - t0
-        self.timing["assign"] += time.perf_counter() - t1
-        return tokens.reshape(len(views), -1, h, w).cpu()
+        self.timing["extract"] += time.perf_counter() - t0
+        return feats
 
-    def __call__(self, views: list[Views]) -> np.ndarray:
-        """Token grids [B, V, h, w] in the dataset's token dtype; a batch out of device memory runs in halves."""
-        return on_halves(self._tokens, views).numpy().astype(self.dtype)
+    def extract(self, views: list[Views]) -> torch.Tensor:
+        """Features [B * V, h, w, D] of a batch of images' views; a batch out of device memory runs in halves."""
+        return on_halves(self._extract, views)
+
+    def assign(self, feats: list[torch.Tensor]) -> np.ndarray:
+        """Token grids [sum_i B_i * V, h, w] in the dataset's token dtype of the views whose features
+        [B_i * V, h, w, D] (:meth:`extract`) are ``feats``, searched at once (a faiss search of 16k rows on 2
+        threads took 0.30 s per 298k CIFAR patches, of 4k rows 0.42 s)."""
+        t0 = time.perf_counter()
+        x = torch.cat(feats) if len(feats) > 1 else feats[0]
+        _, h, w, d = x.shape
+        if x.device not in self.centroids:
+            self.centroids[x.device] = self.book.centroids.to(x.device)
+        tokens, _ = nearest(x.reshape(-1, d), self.centroids[x.device], metric=self.extractor.metric,
+                            method=self.method, threads=torch.get_num_threads())
+        self.timing["assign"] += time.perf_counter() - t0
+        return tokens.reshape(x.shape[0], h, w).cpu().numpy().astype(self.dtype)
 
 
 class _ShardRecord:
@@ -264,9 +273,10 @@ class TokenizeStage:
     """Stage: tokenize one input shard into ``shard-XXXXX.tar`` (+ its index) in ``output``, atomically.
 
     ``codebook`` is the codebook's path or fsspec URL, read with the output's storage options. Views are
-    extracted and assigned (nearest-centroid search ``assign``) ``batch_size`` images (all their views) at a
-    time. A remote shard is written to the local staging directory, then its index and its tar are uploaded, in
-    that order, each checked before it counts. Returns the shard stats (also stored in the index) plus
+    extracted ``batch_size`` images (all their views) at a time, and assigned (nearest-centroid search ``assign``,
+    on this process's torch threads) :data:`SEARCH_ROWS` features or the shard's rest at a time. A remote shard is
+    written to the local staging directory, then its index and its tar are uploaded, in that order, each checked
+    before it counts. Returns the shard stats (also stored in the index) plus
     ``timing``: seconds per phase.
     """
 
@@ -285,14 +295,23 @@ class TokenizeStage:
         out = Path(root) if is_local(fs) else staging_dir(self.output.url, self.output.staging)
         out.mkdir(parents=True, exist_ok=True)
         name = shard_name(shard.index)
-        record, pending = _ShardRecord(book.k), []
+        record = _ShardRecord(book.k)
+        pending: list[tuple[RawSample, Views]] = []  # decoded, not yet extracted
+        ready: list[tuple[RawSample, Views]] = []  # extracted (features in feats), not yet assigned
+        feats: list[torch.Tensor] = []
 
-        def flush() -> None:
-            grids = assigner([v for _, v in pending])
-            t = time.perf_counter()
-            _write_samples(writer, pending, grids, record.counts)
-            timing["write"] += time.perf_counter() - t
+        def extract() -> None:
+            feats.append(assigner.extract([v for _, v in pending]))
+            ready.extend(pending)
             pending.clear()
+
+        def assign_and_write() -> None:
+            grids = assigner.assign(feats)
+            t = time.perf_counter()
+            _write_samples(writer, ready, grids.reshape(len(ready), -1, *grids.shape[1:]), record.counts)
+            timing["write"] += time.perf_counter() - t
+            ready.clear()
+            feats.clear()
 
         with ShardWriter(out / name) as writer:  # an exception discards the shard (its temporary file)
             t = time.perf_counter()
@@ -302,10 +321,14 @@ class TokenizeStage:
                 if reason is None:
                     pending.append((raw, view))
                     if len(pending) == self.batch_size:
-                        flush()
+                        extract()
+                        if sum(f.shape[0] * f.shape[1] * f.shape[2] for f in feats) >= SEARCH_ROWS:
+                            assign_and_write()
                 t = time.perf_counter()
             if pending:
-                flush()
+                extract()
+            if ready:
+                assign_and_write()
             t = time.perf_counter()
             stats = _finish_shard(writer, record, book.tokenizer_id)
             timing["write"] += time.perf_counter() - t
