@@ -6,10 +6,10 @@ upscaled to 1,500 px on the shorter side. Paths, each from the JPEG bytes in mem
 
 - ``baseline``: the path as it was, re-implemented here: Pillow open + load, EXIF transpose, RGB, resize of the whole
   image (shorter side to 224, bicubic), center crop (checked equal to ``full``);
-- ``full``: ``decode_view`` with the full render method (the default; must not be slower than the baseline);
-- ``scaled``: ``decode_view`` with the scaled render method (JPEG decoded at DCT scale M/8 where the view allows,
-  then resampled to 224 px: bilinearly by OpenCV where the box shrinks by at most 5/4, as for ``typical``, else by
-  Pillow's antialiased bicubic, as for ``large``).
+- ``full``: ``decode_view`` with the full render method (``--render full``; must not be slower than the baseline);
+- ``scaled``: ``decode_view`` with the scaled render method (the default since issue 14; JPEG decoded at DCT
+  scale M/8 where the view allows, then resampled to 224 px: bilinearly by OpenCV where the box shrinks by at most
+  5/4, as for ``typical``, else by Pillow's antialiased bicubic, as for ``large``).
 
 Single thread (torch at 1 thread, OpenCV at 1 as kmim sets it; Pillow and libjpeg-turbo use one). Rounds alternate
 the paths; each path's best round counts. Prints images/s per path by CPU time of the thread (what one core does,
