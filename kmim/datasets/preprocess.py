@@ -17,16 +17,13 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 import simplejpeg
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image, ImageOps
 
 from kmim.datasets.geometry import ViewSpec, center_geometry, view_box, view_geometries
-
-# Process-wide: kmim renders each image on one of its own threads (or processes), so OpenCV's pool would only
-# oversubscribe them; no result depends on OpenCV's thread count.
-cv2.setNumThreads(1)
+from kmim.datasets.orientation import STORED_AXES, exif_orientation, stored_box
+from kmim.datasets.resample import resample_box
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 # Pillow formats stored as they came, under an extension of IMAGE_EXTS (MPO is a JPEG with extra frames);
@@ -216,39 +213,6 @@ def _as_skip() -> Iterator[None]:
         raise SkipImage(_skip_reason(e), f"{type(e).__name__}: {e}") from None
 
 
-# The transpose ImageOps.exif_transpose applies for each EXIF orientation.
-_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
-                 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
-# How a box in the oriented image maps back to the stored one, per transpose: (axes swapped, stored x reversed,
-# stored y reversed).
-_STORED_AXES = {None: (False, False, False), Image.Transpose.FLIP_LEFT_RIGHT: (False, True, False),
-                Image.Transpose.ROTATE_180: (False, True, True), Image.Transpose.FLIP_TOP_BOTTOM: (False, False, True),
-                Image.Transpose.TRANSPOSE: (True, False, False), Image.Transpose.ROTATE_270: (True, False, True),
-                Image.Transpose.TRANSVERSE: (True, True, True), Image.Transpose.ROTATE_90: (True, True, False)}
-
-
-def _orientation(img: Image.Image) -> Image.Transpose | None:
-    """The transpose :func:`ImageOps.exif_transpose` applies to the opened ``img``, without decoding its pixels:
-    it runs on a 1 x 1 stand-in holding ``img``'s metadata, so EXIF it cannot handle fails here as on the full
-    path."""
-    stand_in = Image.new("L", (1, 1))
-    stand_in.info = dict(img.info)
-    ImageOps.exif_transpose(stand_in)
-    return _ORIENTATIONS.get(stand_in.getexif().get(ExifTags.Base.Orientation, 1))
-
-
-def _stored_box(box: tuple[float, ...], method: Image.Transpose | None, width: int, height: int,
-                ) -> tuple[float, ...]:
-    """``box`` [left, top, right, bottom] in the oriented image (px) as the same region of the stored ``width`` x
-    ``height`` image that ``method`` orients."""
-    swap, reverse_x, reverse_y = _STORED_AXES[method]
-    x0, y0, x1, y1 = (box[1], box[0], box[3], box[2]) if swap else box
-    x0, x1 = (width - x1, width - x0) if reverse_x else (x0, x1)
-    y0, y1 = (height - y1, height - y0) if reverse_y else (y0, y1)
-    return x0, y0, x1, y1
-
-
 def jpeg_scale(box: tuple[float, ...], size: int) -> int:
     """M of the DCT scale M/8 the scaled method decodes a JPEG at to render the view of source ``box`` (px) at
     ``size`` px: the smallest M in 1..8 that keeps at least ``size`` pixels on each side of the box."""
@@ -296,41 +260,10 @@ class JpegSource:
         reduced = self.reduced(m) if m < 8 else None
         if reduced is None:
             return _render_full(self.full(), geometry, size)
-        view = _resample(reduced, tuple(c * m / 8 for c in _stored_box(box, self.orientation, *self.stored)), size)
+        view = resample_box(reduced, tuple(c * m / 8 for c in stored_box(box, self.orientation, *self.stored)), size)
         if self.orientation is not None:
             view = np.asarray(Image.fromarray(view).transpose(self.orientation))
         return _mirrored(view, geometry["flip"])
-
-
-# The largest shrink of a box side the scaled method resamples bilinearly (:func:`_resample`).
-BILINEAR_SHRINK = 5 / 4
-
-
-def _resample(pixels: np.ndarray, box: tuple[float, ...], size: int) -> np.ndarray:
-    """The ``box`` [left, top, right, bottom] (px, each side at least ``size`` px) of ``pixels`` uint8 [H, W, 3]
-    resampled to uint8 [size, size, 3]: bilinearly when neither side shrinks by more than :data:`BILINEAR_SHRINK`
-    (OpenCV's fixed-point remap: centers rounded to 1/32 px, integer weights and sums, so no CPU-dependent rounding),
-    else by Pillow's antialiased bicubic."""
-    if max(box[2] - box[0], box[3] - box[1]) > BILINEAR_SHRINK * size:
-        return np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, box=box))
-    # The pixels the box reaches, and one more on each side: positions stay in the int16 range of OpenCV's maps.
-    left, top = max(math.floor(box[0]) - 1, 0), max(math.floor(box[1]) - 1, 0)
-    window = pixels[top:math.ceil(box[3]) + 2, left:math.ceil(box[2]) + 2]
-    (x, x_fraction), (y, y_fraction) = (_fixed_centers(box[0] - left, box[2] - left, size),
-                                        _fixed_centers(box[1] - top, box[3] - top, size))
-    xy = np.empty((size, size, 2), np.int16)
-    xy[:, :, 0], xy[:, :, 1] = x, y[:, None]
-    fractions = y_fraction[:, None] * cv2.INTER_TAB_SIZE + x_fraction
-    return cv2.remap(window, xy, fractions, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-
-
-def _fixed_centers(start: float, end: float, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Where the centers of ``size`` pixels spanning [``start``, ``end``) (px) fall among source pixels (pixel i
-    centered at i), rounded to 1/32 px: (int16 [size] the source pixel at or before each, uint16 [size] the 32nds of a
-    pixel beyond it)."""
-    centers = start + (np.arange(size) + 0.5) * ((end - start) / size) - 0.5
-    fixed = np.rint(centers * cv2.INTER_TAB_SIZE).astype(np.int32)
-    return (fixed >> cv2.INTER_BITS).astype(np.int16), (fixed & cv2.INTER_TAB_SIZE - 1).astype(np.uint16)
 
 
 def _jpeg_source(data: bytes, pre: Preprocess) -> JpegSource | None:
@@ -342,9 +275,9 @@ def _jpeg_source(data: bytes, pre: Preprocess) -> JpegSource | None:
         if img.format != "JPEG" or img.mode not in ("RGB", "L"):
             return None
         _check_pixels(img, pre)
-        orientation = _orientation(img)
+        orientation = exif_orientation(img)
     w, h = img.size
-    swap = _STORED_AXES[orientation][0]
+    swap = STORED_AXES[orientation][0]
     size = (h, w) if swap else (w, h)
     if min(size) < pre.min_image_size:
         raise SkipImage(TOO_SMALL, f"{size[0]}x{size[1]} < {pre.min_image_size}")
@@ -389,18 +322,18 @@ def render(image: Image.Image | JpegSource, geometry: dict, size: int) -> np.nda
     (bicubic); then a flipped view is mirrored left-right.
 
     Scaled method (a :class:`JpegSource`): with M = :func:`jpeg_scale` of the view's box, i.e. the smallest M in
-    1..8 with M/8 x the box's shorter side >= ``size``, a view with M <= 7 (a box at least 8/7 x ``size`` px on
-    its shorter side) is rendered from the JPEG decoded by libjpeg-turbo in the DCT domain at scale M/8: the box,
-    mapped into the stored (not yet EXIF-oriented) image and scaled by M/8, is resampled straight to ``size`` x
-    ``size`` (:func:`_resample`), then oriented, then mirrored if flipped. The last resample never enlarges, and
-    shrinks the box's shorter side by less than M/(M-1) for M >= 2: by less than 5/4 for M >= 5, e.g. every reduced
-    view of an ImageNet-sized photograph at 224 px. A box shrunk by at most 5/4 on both sides is resampled
-    bilinearly without antialiasing (the reduced decode is already low-passed to its own pixel grid, and such a
-    shrink folds back at most the top fifth of that band), any other by Pillow's antialiased bicubic. Its pixels
-    differ from the full method's, so the method is recorded. Every other view (M = 8), every image that is not a
-    JPEG in mode RGB or L (Pillow's format JPEG, so not MPO; not CMYK) and every JPEG whose reduced decode fails (it
-    is strict: recoverable corruption fails it too) is rendered from the whole decode exactly as the full method
-    renders it, bit for bit."""
+    1..8 with M/8 x the box's shorter side >= ``size``, a view with M <= 7 (a box at least 8/7 x ``size`` px on its
+    shorter side) is rendered from the JPEG decoded by libjpeg-turbo in the DCT domain at scale M/8: the box, mapped
+    into the stored (not yet EXIF-oriented) image and scaled by M/8, is resampled straight to ``size`` x ``size``
+    (:func:`kmim.datasets.resample.resample_box`), then oriented, then mirrored if flipped. The last resample never
+    enlarges, and shrinks the box's shorter side by less than M/(M-1) for M >= 2: by less than 5/4 for M >= 5, e.g.
+    every reduced view of an ImageNet-sized photograph at 224 px. A box shrunk by at most 5/4 on both sides is
+    resampled bilinearly without antialiasing (the reduced decode is already low-passed to its own pixel grid, and
+    such a shrink folds back at most the top fifth of that band), any other by Pillow's antialiased bicubic. Its
+    pixels differ from the full method's, so the method is recorded. Every other view (M = 8), every image that is
+    not a JPEG in mode RGB or L (Pillow's format JPEG, so not MPO; not CMYK) and every JPEG whose reduced decode
+    fails (it is strict: recoverable corruption fails it too) is rendered from the whole decode exactly as the full
+    method renders it, bit for bit."""
     if isinstance(image, JpegSource):
         return image.render(geometry, size)
     return _render_full(image, geometry, size)
