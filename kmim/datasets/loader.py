@@ -53,8 +53,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kmim.datasets.augment import Augment
 from kmim.datasets.geometry import ViewSpec, center_geometry, crop_geometry
-from kmim.datasets.manifest import MANIFEST, ManifestError, TokenSpec, check_manifest, check_sample
+from kmim.datasets.manifest import MANIFEST, ManifestError, check_manifest
 from kmim.datasets.preprocess import Preprocess, SkipImage, decode_source, render
+from kmim.datasets.samples import TokenSpec, check_sample
 from kmim.datasets.shard_store import LoaderError, ShardStore, default_cache_dir
 from kmim.datasets.shards import ShardError, iter_tar
 from kmim.storage import join, redact_text

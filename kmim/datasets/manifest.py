@@ -14,8 +14,8 @@ be rebuilt from finished shards without re-reading the tars.
 Readers take an optional fsspec filesystem ``fs`` (None = local disk) with paths inside it, so a dataset in
 object storage is read the same way.
 
-The contract is read here only: :func:`check_manifest` for a manifest, :func:`check_sample` for each stored
-sample, :class:`TokenCounts` for the token-by-label histograms an index stores.
+The contract is read here only: :func:`check_manifest` for a manifest, :class:`TokenCounts` for the token-by-label
+histograms an index stores, and :func:`kmim.datasets.samples.check_sample` for each stored sample.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import io
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +34,6 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from kmim import __version__
-from kmim.datasets.geometry import geometry_problem
-from kmim.datasets.preprocess import IMAGE_EXTS
-from kmim.datasets.shards import ShardError, decode_npy
 from kmim.files import atomic_write
 from kmim.storage import fs_path, join, put_bytes, url_of
 
@@ -144,104 +140,6 @@ def check_manifest(manifest: object, where: str) -> dict:
     if len(shape) == 3 and not (isinstance(views, dict) and views.get("count") == shape[0] > 1):
         raise ManifestError(f"{where}: field 'views': a token grid of shape {shape} needs views.count {shape[0]} > 1")
     return manifest
-
-
-def token_problem(tokens: np.ndarray, dtype: str, shape: list[int], k: int) -> str | None:
-    """Why a stored token grid breaks the manifest (dtype, shape, ids in [0, k)), or None when it holds."""
-    if tokens.dtype != np.dtype(dtype) or list(tokens.shape) != list(shape):
-        return f"tokens {tokens.dtype}{list(tokens.shape)}, manifest says {dtype}{list(shape)}"
-    if tokens.size and (int(tokens.max()) >= k or int(tokens.min()) < 0):
-        bad = int(tokens.max()) if int(tokens.max()) >= k else int(tokens.min())
-        return f"token {bad} out of range for K={k}"
-    return None
-
-
-@dataclass(frozen=True)
-class TokenSpec:
-    """What every stored token grid of a dataset is: numpy ``dtype`` name, ``shape`` [h, w] (one view) or
-    [V, h, w] (V views), ids in [0, ``k``)."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    k: int
-
-    @property
-    def views(self) -> int:
-        """V, the views stored per sample."""
-        return self.shape[0] if len(self.shape) == 3 else 1
-
-    @classmethod
-    def of(cls, manifest: dict) -> TokenSpec:
-        """The spec a manifest that passed :func:`check_manifest` declares."""
-        grid = manifest["token_grid"]
-        return cls(grid["dtype"], tuple(grid["shape"]), manifest["codebook"]["k"])
-
-
-@dataclass(frozen=True)
-class CheckedSample:
-    """The parts of a stored sample that passed :func:`check_sample`."""
-
-    key: str
-    image_ext: str  # one of IMAGE_EXTS
-    image: bytes  # the encoded image, as stored
-    meta: dict  # the parsed .json member (key, source, label, view)
-    tokens: np.ndarray  # the token grids, TokenSpec.dtype [h, w] or [V, h, w]
-    geometry: list[dict]  # each view's geometry, view 0 first
-
-
-def check_sample(sample: dict, spec: TokenSpec, where: str) -> CheckedSample:
-    """Check one stored sample ``{"__key__": key, ext: bytes}`` against the contract; return its parts.
-
-    A sample holds exactly one image member with an extension of ``IMAGE_EXTS``, a ``.json`` object whose
-    ``key`` is the sample's key and whose ``view`` is the view's geometry (a list of V, view 0 a center view,
-    when ``spec`` has V > 1 views), and a ``.tokens.npy`` grid of ``spec``'s dtype and shape with ids in [0, K);
-    other members are ignored, never decoded. Raises :class:`ShardError` ``"<where>: <reason>"`` at the first
-    problem.
-    """
-    images = [e for e in IMAGE_EXTS if e in sample]
-    if len(images) != 1:
-        raise ShardError(f"{where}: expected one image member, found {images or 'none'}")
-    try:
-        meta = json.loads(sample["json"])
-    except (KeyError, ValueError) as e:
-        raise ShardError(f"{where}: no valid .json member ({e})") from None
-    if not isinstance(meta, dict):
-        raise ShardError(f"{where}: the .json member is not a JSON object")
-    if meta.get("key") != sample["__key__"]:
-        raise ShardError(f"{where}: .json key {meta.get('key')!r} does not match the member name")
-    geometry = _sample_geometry(meta.get("view"), spec.views, where)
-    tokens = _sample_tokens(sample, spec, where)
-    return CheckedSample(sample["__key__"], images[0], sample[images[0]], meta, tokens, geometry)
-
-
-def _sample_geometry(view: object, views: int, where: str) -> list[dict]:
-    """The ``views`` geometries of a sample's ``.json`` ``view`` field, each checked; :class:`ShardError`
-    otherwise."""
-    geometry = [view] if views == 1 else view
-    if not (isinstance(geometry, list) and len(geometry) == views):
-        raise ShardError(f"{where}: .json view is not a list of {views} view geometries")
-    for v, g in enumerate(geometry):
-        problem = geometry_problem(g)
-        if problem is None and (v == 0) != ("source_box" not in g):
-            problem = "view 0 must be the center view, the others random crops"
-        if problem is not None:
-            raise ShardError(f"{where}: view {v}: {problem}")
-    return geometry
-
-
-def _sample_tokens(sample: dict, spec: TokenSpec, where: str) -> np.ndarray:
-    """The sample's ``.tokens.npy`` grid, checked against ``spec``; :class:`ShardError` otherwise."""
-    if "tokens.npy" not in sample:
-        raise ShardError(f"{where}: no .tokens.npy")
-    try:
-        tokens = decode_npy(sample["tokens.npy"], (spec.dtype, spec.shape))
-    except Exception as e:  # noqa: BLE001 - bytes np.load refuses, whatever the reason, break the contract
-        raise ShardError(f"{where}: .tokens.npy is not a .npy array ({type(e).__name__}: {e})") from None
-    if not isinstance(tokens, np.ndarray):  # an .npz archive
-        raise ShardError(f"{where}: .tokens.npy is not a .npy array")
-    if (problem := token_problem(tokens, spec.dtype, list(spec.shape), spec.k)) is not None:
-        raise ShardError(f"{where}: {problem}")
-    return tokens
 
 
 class TokenCounts:

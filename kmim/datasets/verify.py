@@ -17,16 +17,8 @@ from typing import IO
 from fsspec import AbstractFileSystem
 
 from kmim.datasets.codebook import load_codebook
-from kmim.datasets.manifest import (
-    CODEBOOK,
-    ManifestError,
-    TokenCounts,
-    TokenSpec,
-    check_sample,
-    read_index,
-    read_index_stats,
-    read_manifest,
-)
+from kmim.datasets.manifest import CODEBOOK, ManifestError, TokenCounts, read_index, read_index_stats, read_manifest
+from kmim.datasets.samples import TokenSpec, check_sample
 from kmim.datasets.shards import ShardError, iter_tar
 from kmim.files import HASH_CHUNK
 from kmim.storage import get_file, is_local, join, open_url
@@ -79,7 +71,7 @@ def _check_shard(fs: AbstractFileSystem, root: str, entry: dict, manifest: dict,
 def _check_samples(stream: IO[bytes], name: str, manifest: dict,
                    keys: set[str]) -> tuple[list[str], list[str], TokenCounts, bool]:
     """(problems, sample keys, token counts of the samples that passed, whether the tar parsed) of one shard's
-    samples; a sample's first problem is reported (:func:`~kmim.datasets.manifest.check_sample`)."""
+    samples; a sample's first problem is reported (:func:`~kmim.datasets.samples.check_sample`)."""
     problems: list[str] = []
     spec = TokenSpec.of(manifest)
     tar_keys: list[str] = []

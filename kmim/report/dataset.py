@@ -21,8 +21,9 @@ from fsspec import AbstractFileSystem
 
 from kmim.datasets.codebook import Codebook, load_codebook
 from kmim.datasets.loader import TokenDataset, open_manifest
-from kmim.datasets.manifest import TokenCounts, TokenSpec, check_sample, index_stats
+from kmim.datasets.manifest import TokenCounts, index_stats
 from kmim.datasets.preprocess import Preprocess, SkipImage, center_geometry, decode_source, render
+from kmim.datasets.samples import TokenSpec, check_sample
 from kmim.datasets.shard_store import LoaderError
 from kmim.datasets.shards import ShardError
 from kmim.storage import join, open_url, redact, url_of
