@@ -24,9 +24,9 @@ from kmim.datasets.loader import (
     LoaderError,
     TokenDataset,
     TokenLoader,
-    epoch_order,
 )
 from kmim.datasets.manifest import read_manifest
+from kmim.datasets.order import epoch_order
 from kmim.datasets.preprocess import Preprocess, decode_view
 from kmim.datasets.shards import ShardWriter, decode_npy, iter_tar
 from kmim.files import sha256_file

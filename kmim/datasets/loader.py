@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kmim.datasets.augment import Augment
 from kmim.datasets.geometry import ViewSpec, center_geometry, crop_geometry
 from kmim.datasets.manifest import MANIFEST, ManifestError, check_manifest
+from kmim.datasets.order import epoch_order, pick_view
 from kmim.datasets.preprocess import Preprocess, SkipImage, decode_source, render
 from kmim.datasets.samples import TokenSpec, check_sample
 from kmim.datasets.shard_store import LoaderError, ShardStore, default_cache_dir
@@ -129,28 +130,6 @@ def common_tokenizer_id(roots: Sequence[str | os.PathLike], storage_options: dic
             raise LoaderError(f"{redact_text(os.fspath(root))}: tokenizer_id {found!r} differs from {first!r} of "
                               f"{redact_text(os.fspath(roots[0]))} (tokens from another codebook)")
     return first
-
-
-def epoch_order(counts: Sequence[int], seed: int, epoch: int, *, shuffle: bool = True,
-                window: int = 4096) -> np.ndarray:
-    """Global sample ids int64 [N] in this epoch's order; id = shard's offset (manifest order) + position in it.
-
-    With ``shuffle``: shards in a random order, then samples shuffled within consecutive windows of
-    ``window`` samples, all from ``np.random.default_rng([seed, epoch])``. Without: manifest order.
-    """
-    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-    if not shuffle:
-        return np.arange(offsets[-1], dtype=np.int64)
-    rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(len(counts))
-    ids = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in perm] or [np.zeros(0, np.int64)])
-    keys = rng.random(len(ids))
-    return ids[np.lexsort((keys, np.arange(len(ids)) // window))]
-
-
-def pick_view(seed: int, epoch: int, index: int, views: int) -> int:
-    """The view in [0, ``views``) that global sample ``index`` shows in ``epoch``: a pure function of its arguments."""
-    return int(np.random.default_rng([seed, epoch, index, 1]).integers(views)) if views > 1 else 0
 
 
 def _dist_layout() -> tuple[int, int]:
