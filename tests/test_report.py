@@ -213,6 +213,19 @@ def test_report_of_an_s3_dataset_matches_the_local_one(labelled: Path, report: P
         assert (report.parent / rel).read_bytes() == (remote.parent / rel).read_bytes(), rel
 
 
+def test_a_second_report_in_the_same_folder_removes_the_first_ones_images(labelled: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    build_report(str(labelled), out, samples=4, per_code=2)
+    (out / "assets" / "notes.txt").write_text("mine")
+    (out / "assets" / "maps" / "mine.png").write_bytes(b"not a report image")
+    first = {p.relative_to(out) for p in out.rglob("*.png")}
+    html = build_report(str(labelled), out, samples=1, per_code=2, max_codes=3).read_text()
+    linked = set(re.findall(r'src="(assets/[^"]+)"', html))
+    left = {str(p.relative_to(out)) for p in out.rglob("*.png")}
+    assert left == linked | {"assets/maps/mine.png"} and len(first) > len(left)
+    assert (out / "assets" / "notes.txt").read_text() == "mine"
+
+
 def test_cli_report_and_its_errors(flat: Path, tmp_path: Path) -> None:
     cli = CliRunner()
     ok = cli.invoke(app, ["report", str(flat), "--out", str(tmp_path / "r"), "--samples", "1", "--per-code", "2"])

@@ -113,6 +113,7 @@ def build_report(root: str, out: Path, *, storage_options: dict | None = None, s
         raise ValueError("samples >= 0, per_code >= 1, max_images >= 1 and max_codes >= 0 (or None) are required")
     out = Path(out)
     (out / ASSETS).mkdir(parents=True, exist_ok=True)
+    before = _report_pngs(out)
     with tempfile.TemporaryDirectory() as tmp:
         data = open_dataset(root, storage_options, Path(tmp))
         grid = data.spec.shape[-1]
@@ -125,4 +126,19 @@ def build_report(root: str, out: Path, *, storage_options: dict | None = None, s
                 token_maps(data, kept.shown, out)]
     index = out / "index.html"
     atomic_write_bytes(index, page(f"kmim report: {data.where}", sections).encode())
+    # An earlier report's images this one did not rewrite (every write replaces the file: a new inode) are stale.
+    after = _report_pngs(out)
+    for path in [p for p, stamp in before.items() if after.get(p) == stamp]:
+        path.unlink()
     return index
+
+
+def _report_pngs(out: Path) -> dict[Path, tuple[int, int]]:
+    """The images a report writes under ``out/assets`` (and only those: other files there are the user's), each
+    with its (inode, mtime in ns)."""
+    found = {}
+    for pattern in ("*.png", "gallery/code-*.png", "maps/*-view*.png"):
+        for path in (out / ASSETS).glob(pattern):
+            st = path.stat()
+            found[path] = (st.st_ino, st.st_mtime_ns)
+    return found
