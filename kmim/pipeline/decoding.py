@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,7 +21,7 @@ from kmim.pipeline.sources import InputShard, RawSample, SourceSpec, read_shard,
 log = logging.getLogger("kmim")
 
 # Images stored in fewer bytes are decoded by the thread that consumes them: their decode is mostly Python holding
-# the GIL, and two threads decoding 32-96 px images ran 1.0-1.6x slower than one (benchmarks/README.md).
+# the GIL, and two threads decoded 32-96 px images at 0.68-0.85x the speed of one (benchmarks/decode_threads.py).
 INLINE_BYTES = 8 << 10
 
 Decoded = tuple[RawSample, Views | None, str | None]  # (raw sample, views or None, skip reason or None)
@@ -95,8 +95,16 @@ def decoded(shard: InputShard, decode: DecodeSpec, start: int = 0) -> Iterator[D
 
 # ---- decoding once per job ------------------------------------------------------------------------------
 
-_kept: dict[tuple[InputShard, DecodeSpec], list[Decoded]] = {}
-_budget = [0, 0]  # [bytes the kept prefixes may hold, bytes they hold]
+@dataclass
+class _Kept:
+    """The decoded shard prefixes this process holds, by (shard, decode spec), each with its size in bytes."""
+
+    budget: int = 0  # bytes the prefixes may hold (0: keep nothing)
+    used: int = 0
+    prefixes: dict[tuple[InputShard, DecodeSpec], tuple[list[Decoded], int]] = field(default_factory=dict)
+
+
+_KEPT = _Kept()
 
 
 def _nbytes(items: list[Decoded]) -> int:
@@ -110,26 +118,26 @@ def keep_decoded(budget: int) -> Iterator[None]:
     :func:`decoded_once`; all are dropped when the block ends. A local job runs its fit and its tokenization in one
     such block, so the images the fit sample decoded are not decoded again (each image is decoded the same way by
     both stages: same :class:`DecodeSpec`, hence the same pixels)."""
-    _budget[:] = [budget, 0]
+    _KEPT.budget, _KEPT.used = budget, 0
     try:
         yield
     finally:
-        _kept.clear()
-        _budget[:] = [0, 0]
+        _KEPT.prefixes.clear()
+        _KEPT.budget = _KEPT.used = 0
 
 
 def keep(shard: InputShard, decode: DecodeSpec, prefix: list[Decoded]) -> None:
     """Keep the first ``len(prefix)`` decoded inputs of the shard for :func:`decoded_once`, if the budget allows."""
-    size = _nbytes(prefix)
-    if prefix and _budget[1] + size <= _budget[0]:
-        _kept[(shard, decode)] = prefix
-        _budget[1] += size
+    size = _nbytes(prefix) if prefix and _KEPT.budget else 0
+    if size and _KEPT.used + size <= _KEPT.budget:
+        _KEPT.prefixes[(shard, decode)] = prefix, size
+        _KEPT.used += size
 
 
 def decoded_once(shard: InputShard, decode: DecodeSpec) -> Iterator[Decoded]:
     """:func:`decoded` of the whole shard, taking the prefix :func:`keep` holds for it (once) instead of decoding
     it again."""
-    prefix = _kept.pop((shard, decode), [])
-    _budget[1] -= _nbytes(prefix)
+    prefix, size = _KEPT.prefixes.pop((shard, decode), ([], 0))
+    _KEPT.used -= size
     yield from prefix
     yield from decoded(shard, decode, len(prefix))
