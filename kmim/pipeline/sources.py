@@ -250,7 +250,10 @@ def _read_file(fs: fsspec.AbstractFileSystem, path: str, cap: int) -> bytes:
             if st.st_size > cap:
                 raise SkipImage(TOO_LARGE, _over_cap(st.st_size, cap))
             with open(path, "rb") as f:
-                data = f.read(cap + 1)
+                # Sized by the stat, not the cap: read(n) allocates n bytes first (64 MiB per small image).
+                data = f.read(st.st_size + 1)
+                if len(data) > st.st_size:  # it grew since the stat
+                    data += f.read(cap + 1 - len(data))
         except OSError as e:
             raise SkipImage(UNREADABLE, f"{type(e).__name__}: {e}") from None
     if len(data) > cap:  # the file grew since it was stat-ed, or its size was unknown
