@@ -294,6 +294,15 @@ def test_an_object_store_dataset_is_served(dataset: Path, report_dir: Path, monk
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+def test_a_served_dataset_can_be_served_again(served: str, dataset: Path, report_dir: Path) -> None:
+    """A dataset whose root is an http:// URL (here another kmim serve, which cannot list a directory)."""
+    with serving(data_files(served + "/data/"), report_files(report_dir)) as again:
+        for name in listed(dataset):
+            status, headers, body = fetch(again, f"/data/{name}")
+            assert status == 200 and body == (dataset / name).read_bytes()
+            assert headers["etag"] == fetch(served, f"/data/{name}", "HEAD")[1]["etag"]
+
+
 def test_ddp_training_streams_from_the_server(dataset: Path, report_dir: Path, tmp_path: Path) -> None:
     """Two gloo ranks train from http://127.0.0.1:PORT/data/, the token passed to fsspec's HTTP filesystem through
     its environment configuration; every shard is fetched, checked against its sha256 and cached."""

@@ -167,10 +167,15 @@ def _sizes(fs: AbstractFileSystem, root: str, names: list[str]) -> dict[str, int
             return {name: regular_size(join(root, name)) for name in names}
         except NotServable as e:
             raise ServeError(f"{e}: listed in the manifest (run kmim verify)") from None
-    found = list_sizes(fs, root)
+    found = list_sizes(fs, root)  # one listing; a store that cannot list (HTTP) is asked file by file
     for name in names:
         if name not in found:
-            raise ServeError(f"{url_of(fs, join(root, name))}: missing, listed in the manifest (run kmim verify)")
+            try:
+                found[name] = fs.info(join(root, name)).get("size")
+            except FileNotFoundError:
+                found[name] = None
+            if found[name] is None:
+                raise ServeError(f"{url_of(fs, join(root, name))}: missing, listed in the manifest (run kmim verify)")
     return {name: found[name] for name in names}
 
 
