@@ -29,6 +29,13 @@ app.add_typer(eval_app, name="eval")
 console = Console(stderr=True, soft_wrap=True)
 
 
+def _log_progress(info: bool = True) -> None:
+    """kmim's own log lines on stderr (from INFO when ``info``, else from WARNING); other libraries' from WARNING
+    only (faiss announces at INFO every build it tries to load)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("kmim").setLevel(logging.INFO if info else logging.WARNING)
+
+
 _STORAGE_HELP = ("key=value option of the fsspec filesystem, repeatable (e.g. endpoint_url=URL, profile=NAME, "
                  "anon=true); true/false become booleans. Default: the filesystem's usual environment and config")
 _CONFIG_HELP = "YAML file with the same settings (flags override it)"
@@ -154,7 +161,7 @@ def run(config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
         if cfg.codebook is not None:  # the settings it fixes, as run_job takes them: conflicts are config errors
             cfg = with_codebook(cfg)[0]
         check_extractor(cfg)  # run_job checks again, for callers without the CLI: here it is a config error
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _log_progress()
     console.print(escape(redact_text(f"kmim run: input={cfg.input or 'built-in digits sample'} out={cfg.out} "
                                      f"extractor={cfg.extractor} K={cfg.k} image={cfg.image_size} "
                                      f"patch={cfg.patch_size} runner={cfg.runner}")))
@@ -183,7 +190,7 @@ def fit(config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
     with _invalid_config():
         cfg = load_config(config, {**settings, "storage_options": _storage_options(storage_option)})
         check_extractor(cfg)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _log_progress()
     with _reported(ConfigError, JobError, LockError, UploadError, ValueError, OSError):
         summary = fit_job(cfg)
     console.print(_report_table(summary, "fit summary"))
@@ -237,7 +244,7 @@ def publish(src: Path = typer.Argument(..., help="committed local dataset direct
     from kmim.pipeline.publish import publish as publish_dataset
     from kmim.storage import UploadError
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _log_progress()
     with _reported(PublishError, UploadError, OSError):
         summary = publish_dataset(src, url, _storage_options(storage_option), workers=workers)
     console.print(_report_table(summary, "publish summary"))
@@ -263,7 +270,7 @@ def serve(root: str = typer.Argument(..., help="dataset directory or URL (any fs
     if allow_remote and not is_loopback(host):
         console.print(f"[yellow]warning:[/yellow] listening on {escape(host)}: anyone who reaches it reads the "
                       "dataset over plain HTTP (no TLS)" + ("" if token else ", and no token is required"))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _log_progress()
     with _reported(ValueError, OSError):
         serve_dataset(root, host=host, port=port, report=report, token=token,
                       storage_options=_storage_options(storage_option), allow_remote=allow_remote)
@@ -300,7 +307,7 @@ def train_command(config: Path | None = typer.Option(None, "--config", help=_CON
     with _invalid_config():
         cfg = load_train_config(config, settings)
     main = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
+    _log_progress(main)
     with _reported(TrainError, ValueError, OSError):
         summary = train(cfg)
     if main:
@@ -361,7 +368,7 @@ def eval_finetune(config: Path | None = typer.Option(None, "--config", help=_CON
     with _invalid_config():
         cfg = load_finetune_config(config, settings)
     main = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if main and not as_json else logging.WARNING, format="%(message)s")
+    _log_progress(main and not as_json)
     with _reported(TrainError, ValueError, OSError):
         summary = finetune(cfg)
     if main:
