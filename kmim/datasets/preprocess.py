@@ -178,18 +178,28 @@ def _check_pixels(img: Image.Image, pre: Preprocess) -> None:
         raise SkipImage(BOMB, f"{img.width}x{img.height} pixels > max_image_pixels ({pre.max_image_pixels})")
 
 
-def _oriented_rgb(data: bytes, pre: Preprocess) -> tuple[Image.Image, str]:
-    """(the EXIF-oriented RGB image, Pillow's format name) of image bytes; raises :class:`SkipImage`."""
+def _check_size(width: int, height: int, pre: Preprocess) -> None:
+    if min(width, height) < pre.min_image_size:
+        raise SkipImage(TOO_SMALL, f"{width}x{height} < {pre.min_image_size}")
+
+
+def _opened(data: bytes, pre: Preprocess) -> Image.Image:
+    """``data`` opened by Pillow: its header parsed, no pixels decoded."""
     with _pillow_pixel_limit(pre.max_image_pixels):
-        img = Image.open(io.BytesIO(data), formats=_FORMATS)  # parses the header only
+        return Image.open(io.BytesIO(data), formats=_FORMATS)
+
+
+def _oriented_rgb(data: bytes, pre: Preprocess, img: Image.Image | None = None) -> tuple[Image.Image, str]:
+    """(the EXIF-oriented RGB image, Pillow's format name) of image bytes (``img``: them already
+    :func:`_opened`); raises :class:`SkipImage`."""
+    img = _opened(data, pre) if img is None else img
+    with _pillow_pixel_limit(pre.max_image_pixels):
         fmt = img.format or ""
         _check_pixels(img, pre)
         img.load()
         _check_pixels(img, pre)  # a frame may be larger than the header said (ICO)
         img = ImageOps.exif_transpose(img)
-    w, h = img.size
-    if min(w, h) < pre.min_image_size:
-        raise SkipImage(TOO_SMALL, f"{w}x{h} < {pre.min_image_size}")
+    _check_size(*img.size, pre)
     return _to_rgb(img), fmt
 
 
@@ -266,21 +276,18 @@ class JpegSource:
         return _mirrored(view, geometry["flip"])
 
 
-def _jpeg_source(data: bytes, pre: Preprocess) -> JpegSource | None:
-    """``data`` as a :class:`JpegSource` when it is a JPEG the scaled method decodes reduced (Pillow format JPEG,
-    mode RGB or L), after the checks of the full path that need no pixels (pixel limit, EXIF orientation, minimum
-    size); None for any other image. Raises :class:`SkipImage` as the full path does."""
-    with _pillow_pixel_limit(pre.max_image_pixels):
-        img = Image.open(io.BytesIO(data), formats=_FORMATS)  # parses the header only
-        if img.format != "JPEG" or img.mode not in ("RGB", "L"):
-            return None
-        _check_pixels(img, pre)
-        orientation = exif_orientation(img)
+def _jpeg_source(data: bytes, pre: Preprocess, img: Image.Image) -> JpegSource | None:
+    """``data`` (``img``: them :func:`_opened`) as a :class:`JpegSource` when it is a JPEG the scaled method decodes
+    reduced (Pillow format JPEG, mode RGB or L), after the checks of the full path that need no pixels (pixel
+    limit, EXIF orientation, minimum size); None for any other image. Raises :class:`SkipImage` as the full path
+    does."""
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    _check_pixels(img, pre)
+    orientation = exif_orientation(img)
     w, h = img.size
-    swap = STORED_AXES[orientation][0]
-    size = (h, w) if swap else (w, h)
-    if min(size) < pre.min_image_size:
-        raise SkipImage(TOO_SMALL, f"{size[0]}x{size[1]} < {pre.min_image_size}")
+    size = (h, w) if STORED_AXES[orientation][0] else (w, h)
+    _check_size(*size, pre)
     return JpegSource(data, pre, size, (w, h), orientation)
 
 
@@ -302,10 +309,11 @@ def decode_source(data: bytes, pre: Preprocess) -> Source:
     if not data:
         raise SkipImage(EMPTY)
     with _as_skip():
-        jpeg = _jpeg_source(data, pre) if pre.render == SCALED else None
+        img = _opened(data, pre)  # once: the scaled method's JPEG check and the full decode share it
+        jpeg = _jpeg_source(data, pre, img) if pre.render == SCALED else None
         if jpeg is not None:
             return Source(jpeg, data, "jpg")
-        img, fmt = _oriented_rgb(data, pre)
+        img, fmt = _oriented_rgb(data, pre, img)
         ext = FORMAT_EXT.get(fmt)
         if ext is None:  # a format the reader side does not list: store a PNG of exactly these pixels
             buf = io.BytesIO()
