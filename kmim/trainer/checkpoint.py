@@ -108,12 +108,15 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
     return Checkpoint(pointer["step"], root / pointer["weights"], root / pointer["state"])
 
 
-def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Load the checkpoint's weights into ``model`` (strict: every key, every shape)."""
+def load_weights(model: nn.Module, ckpt: Checkpoint, prefix: str = "") -> None:
+    """Load the checkpoint's weights into ``model`` (strict: every key, every shape); with ``prefix``, only the
+    tensors under it, the prefix stripped (``"encoder."``: a pre-trained encoder without its decoder and heads)."""
     try:
         tensors = load_file(ckpt.weights)
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt.weights}: missing") from None
+    if prefix:
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

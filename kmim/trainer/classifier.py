@@ -11,14 +11,10 @@ i + 1, the final norm, ``fc_norm`` and the head are layer n + 1 (n blocks); laye
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from kmim.trainer.checkpoint import Checkpoint, CheckpointError
 from kmim.trainer.objectives import bf16_autocast
 from kmim.trainer.vit import ViT
-
-ENCODER_PREFIX = "encoder."
 
 
 class Classifier(nn.Module):
@@ -38,21 +34,6 @@ class Classifier(nn.Module):
         """[B, 3, S, S] normalized images -> float32 logits [B, classes] (bf16 autocast on CUDA with ``amp``)."""
         with bf16_autocast(images, self.amp):
             return self.head(self.fc_norm(self.encoder.features(images, self.pool))).float()
-
-
-def load_encoder_weights(encoder: ViT, ckpt: Checkpoint) -> int:
-    """Load the ``encoder.*`` tensors of a pre-training checkpoint into ``encoder`` (strict: every key and shape);
-    the decoder and heads are left out. Returns the number of tensors loaded."""
-    try:
-        tensors = load_file(ckpt.weights)
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt.weights}: missing") from None
-    own = {k[len(ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
-    try:
-        encoder.load_state_dict(own, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt.weights}: its encoder does not fit the model: {e}") from None
-    return len(own)
 
 
 def layer_id(name: str, depth: int) -> int:

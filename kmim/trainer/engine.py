@@ -34,6 +34,8 @@ from kmim.config import material_settings
 from kmim.datasets.loader import TokenDataset, TokenLoader, open_manifest
 from kmim.files import atomic_write
 from kmim.trainer.checkpoint import (
+    Checkpoint,
+    CheckpointError,
     latest_checkpoint,
     load_state,
     load_weights,
@@ -75,6 +77,16 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise TrainError(f"{path}: not a kmim run directory (no {RUN_CONFIG})") from None
+
+
+def pretrained_run(run_dir: str | os.PathLike) -> tuple[TrainConfig, dict, Checkpoint]:
+    """A training run's settings, dataset info (see :func:`read_run_config`) and latest checkpoint, read once (the
+    run may still be training)."""
+    saved = read_run_config(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint yet")
+    return TrainConfig(**saved["config"]), saved["dataset"], ckpt
 
 
 def warmup_cosine(step: int, peak: float, min_lr: float, warmup: int, total_steps: int) -> float:

@@ -31,8 +31,8 @@ from kmim import __version__
 from kmim.datasets.loader import TokenDataset, TokenLoader
 from kmim.datasets.preprocess import ViewSpec
 from kmim.files import atomic_write
-from kmim.trainer.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
-from kmim.trainer.classifier import Classifier, load_encoder_weights, param_groups
+from kmim.trainer.checkpoint import Checkpoint, load_weights
+from kmim.trainer.classifier import Classifier, param_groups
 from kmim.trainer.config import FinetuneConfig, TrainConfig
 from kmim.trainer.ddp import Dist, MetricWindow, TrainError, distributed, wrap_ddp
 from kmim.trainer.engine import (
@@ -43,7 +43,7 @@ from kmim.trainer.engine import (
     clip_gradients,
     forever,
     masking_generator,
-    read_run_config,
+    pretrained_run,
     resume_state,
     save_state,
     truncate_logs,
@@ -57,16 +57,6 @@ log = logging.getLogger("kmim")
 
 FINETUNE_CONFIG = "finetune.json"
 BETAS = (0.9, 0.999)  # MAE / BEiT fine-tuning
-
-
-def read_pretrained(cfg: FinetuneConfig) -> tuple[TrainConfig, dict, Checkpoint]:
-    """The pre-trained run's settings, dataset info (see :func:`kmim.trainer.engine.read_run_config`) and latest
-    checkpoint, read once: the run may still be training."""
-    saved = read_run_config(cfg.checkpoint)
-    ckpt = latest_checkpoint(cfg.checkpoint)
-    if ckpt is None:
-        raise CheckpointError(f"{cfg.checkpoint}: no checkpoint yet")
-    return TrainConfig(**saved["config"]), saved["dataset"], ckpt
 
 
 def setup_run(cfg: FinetuneConfig, d: Dist, pre: TrainConfig, info: dict, ckpt: Checkpoint) -> dict:
@@ -102,7 +92,7 @@ def build_classifier(cfg: FinetuneConfig, pre: TrainConfig, info: dict, ckpt: Ch
     """The pre-trained encoder (from ``ckpt``) with drop path and a fresh head."""
     encoder = ViT(pre.encoder(), info["image_size"], info["patch_size"], cls_token=pre.cls_token,
                   drop_path=cfg.drop_path)
-    load_encoder_weights(encoder, ckpt)
+    load_weights(encoder, ckpt, prefix="encoder.")
     return Classifier(encoder, classes, pool, amp=cfg.amp)
 
 
@@ -162,7 +152,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 def _finetune(cfg: FinetuneConfig, d: Dist) -> dict:
-    pre, info, ckpt = read_pretrained(cfg)
+    pre, info, ckpt = pretrained_run(cfg.checkpoint)
     setup = setup_run(cfg, d, pre, info, ckpt)
     torch.manual_seed(cfg.seed)
     model = build_classifier(cfg, pre, info, ckpt, setup["classes"], setup["pool"]).to(d.device)

@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kmim.datasets.loader import TokenDataset, TokenLoader, open_manifest
-from kmim.trainer.checkpoint import CheckpointError, latest_checkpoint, load_weights
-from kmim.trainer.config import TrainConfig
-from kmim.trainer.engine import build_model, read_run_config
+from kmim.trainer.checkpoint import load_weights
+from kmim.trainer.engine import build_model, pretrained_run
 from kmim.trainer.objectives import MIMObjective
 
 
@@ -66,13 +65,10 @@ class Features:
 
 def load_encoder(run_dir: str | os.PathLike, device: torch.device) -> tuple[MIMObjective, dict, int]:
     """The run's model with its latest checkpoint's weights, in eval mode -> (model, dataset info, step)."""
-    saved = read_run_config(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"{run_dir}: no checkpoint yet")
-    model = build_model(TrainConfig(**saved["config"]), saved["dataset"])
+    cfg, info, ckpt = pretrained_run(run_dir)
+    model = build_model(cfg, info)
     load_weights(model, ckpt)
-    return model.to(device).eval(), saved["dataset"], ckpt.step
+    return model.to(device).eval(), info, ckpt.step
 
 
 @torch.no_grad()

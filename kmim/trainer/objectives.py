@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kmim.trainer.mapet import cut_point, permutations, two_stream_mask
+from kmim.trainer.mapet import DEFAULT_RECONSTRUCTION_RATIO, cut_point, permutations, two_stream_mask
 from kmim.trainer.masking import block_masking, random_masking
 from kmim.trainer.mto import MTOConfig, mto_losses
 from kmim.trainer.vit import Transformer, ViT, ViTConfig, init_weights, patchify, sincos_pos_embed, vit_config
@@ -26,7 +26,7 @@ from kmim.trainer.vit import Transformer, ViT, ViTConfig, init_weights, patchify
 OBJECTIVES = ("kmim", "mae", "beit", "mapet")
 # MAE's decoder is 8 x 512 for ViT-B; the smaller encoders get a lighter one.
 _DECODERS = {"tiny": ViTConfig(256, 4, 8), "small": ViTConfig(256, 4, 8), "base": ViTConfig(512, 8, 16)}
-_DEFAULT_MASK_RATIO = {"kmim": 0.75, "mae": 0.75, "beit": 0.4, "mapet": 0.7}
+_DEFAULT_MASK_RATIO = {"kmim": 0.75, "mae": 0.75, "beit": 0.4, "mapet": DEFAULT_RECONSTRUCTION_RATIO}
 
 
 def decoder_config(name: str) -> ViTConfig:
