@@ -52,11 +52,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kmim.datasets.augment import Augment
-from kmim.datasets.geometry import ViewSpec, center_geometry, crop_geometry
+from kmim.datasets.geometry import ViewSpec, crop_geometry
 from kmim.datasets.manifest import MANIFEST, ManifestError, check_manifest
 from kmim.datasets.order import epoch_order, pick_view
-from kmim.datasets.preprocess import Preprocess, SkipImage, decode_source, render
-from kmim.datasets.samples import TokenSpec, check_sample
+from kmim.datasets.preprocess import Preprocess, SkipImage, render
+from kmim.datasets.samples import TokenSpec, decode_sample, view_problem
 from kmim.datasets.shard_store import LoaderError, ShardStore, default_cache_dir
 from kmim.datasets.shards import ShardError, iter_tar
 from kmim.storage import join, redact_text
@@ -239,19 +239,14 @@ class TokenDataset(IterableDataset):
         sample, name = self._raw(index)
         where = f"{name}: sample {sample['__key__']}"
         try:
-            checked = check_sample(sample, self._spec, where)
-            source = decode_source(checked.image, self._pre)
+            checked, source = decode_sample(sample, self._spec, self._pre, where)
         except ShardError as e:
             raise LoaderError(str(e)) from None
-        except SkipImage as e:
-            raise LoaderError(f"{where}: stored image does not decode ({e})") from None
         geometry, size = checked.geometry[view], self._pre.image_size
         if crop_rng is not None:
             geometry = crop_geometry(*source.image.size, self.crops, crop_rng)
-        elif geometry["source_size"] != list(source.image.size) or (
-                view == 0 and geometry != center_geometry(*source.image.size, size)):
-            raise LoaderError(f"{where}: view {view} {geometry} is not a view of the stored "
-                              f"{source.image.size[0]}x{source.image.size[1]} image at {size}px")
+        elif (problem := view_problem(geometry, view, source, size)) is not None:
+            raise LoaderError(f"{where}: {problem}")
         try:  # the scaled render method decodes inside render
             pixels = render(source.image, geometry, size).astype(np.float32) / 255.0
         except SkipImage as e:

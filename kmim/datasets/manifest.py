@@ -41,6 +41,7 @@ FORMAT = "kmim-dataset/1"
 MANIFEST = "manifest.json"
 CODEBOOK = "codebook.safetensors"
 JOB_FILE = "job.json"
+FIT_REPORT = "fit-report.json"  # what kmim fit writes beside the codebook
 _META_KEY = b"kmim.shard"
 TOKEN_DTYPES = ("uint16", "int32")
 # A plain file name directly inside the dataset directory: no separator, scheme, drive or leading dot.

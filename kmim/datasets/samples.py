@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kmim.datasets.geometry import geometry_problem
-from kmim.datasets.preprocess import IMAGE_EXTS
+from kmim.datasets.geometry import center_geometry, geometry_problem
+from kmim.datasets.preprocess import IMAGE_EXTS, Preprocess, SkipImage, Source, decode_source
 from kmim.datasets.shards import ShardError, decode_npy
 
 
@@ -110,3 +110,23 @@ def _sample_tokens(sample: dict, spec: TokenSpec, where: str) -> np.ndarray:
     if (problem := token_problem(tokens, spec.dtype, list(spec.shape), spec.k)) is not None:
         raise ShardError(f"{where}: {problem}")
     return tokens
+
+
+def decode_sample(sample: dict, spec: TokenSpec, pre: Preprocess, where: str) -> tuple[CheckedSample, Source]:
+    """:func:`check_sample`, then its stored image decoded as the tokenizer decoded it (:func:`decode_source`);
+    raises :class:`ShardError` ``"<where>: <reason>"`` (an image that does not decode breaks the contract too). The
+    path every reader of stored samples shares: the training loader and the report."""
+    checked = check_sample(sample, spec, where)
+    try:
+        return checked, decode_source(checked.image, pre)
+    except SkipImage as e:
+        raise ShardError(f"{where}: stored image does not decode ({e})") from None
+
+
+def view_problem(geometry: dict, view: int, source: Source, size: int) -> str | None:
+    """Why stored view ``view``'s ``geometry`` is not a view of the decoded ``source`` at ``size`` px (its source
+    size differs, or view 0 is not the center view), or None."""
+    width, height = source.image.size
+    if geometry["source_size"] != [width, height] or (view == 0 and geometry != center_geometry(width, height, size)):
+        return f"view {view} {geometry} is not a view of the stored {width}x{height} image at {size}px"
+    return None

@@ -32,6 +32,7 @@ from kmim.config import ConfigError, JobConfig, material_settings
 from kmim.datasets.codebook import Codebook, load_codebook, save_codebook
 from kmim.datasets.manifest import (
     CODEBOOK,
+    FIT_REPORT,
     JOB_FILE,
     MANIFEST,
     TokenCounts,
@@ -77,7 +78,6 @@ from kmim.tokenizers.extractors import build_extractor
 from kmim.tokenizers.metrics import counts_report
 
 log = logging.getLogger("kmim")
-FIT_REPORT = "fit-report.json"  # what kmim fit writes beside the codebook
 # What a local job keeps of the images its fit sample decoded, for its tokenization (the CIFAR subset: 27 MiB).
 LOCAL_KEEP_BYTES = 1 << 30
 

@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +22,12 @@ from fsspec import AbstractFileSystem
 
 from kmim.datasets.codebook import Codebook, load_codebook
 from kmim.datasets.loader import TokenDataset, open_manifest
-from kmim.datasets.manifest import TokenCounts, index_stats
-from kmim.datasets.preprocess import Preprocess, SkipImage, center_geometry, decode_source, render
-from kmim.datasets.samples import TokenSpec, check_sample
+from kmim.datasets.manifest import FIT_REPORT, TokenCounts, index_stats
+from kmim.datasets.preprocess import Preprocess, SkipImage, render
+from kmim.datasets.samples import TokenSpec, decode_sample, view_problem
 from kmim.datasets.shard_store import LoaderError
 from kmim.datasets.shards import ShardError
 from kmim.storage import join, open_url, redact, url_of
-
-# The file kmim fit writes beside the codebook (kmim.pipeline.job.FIT_REPORT; the report may not import pipeline).
-FIT_REPORT = "fit-report.json"
 
 
 class ReportError(ValueError):
@@ -63,20 +61,20 @@ class Dataset:
     fit_note: str
     reader: TokenDataset | None
 
-    @property
+    @cached_property
     def spec(self) -> TokenSpec:
         return TokenSpec.of(self.manifest)
 
-    @property
+    @cached_property
     def preprocess(self) -> Preprocess:
         return Preprocess.from_description(self.manifest["preprocess"])
 
-    @property
+    @cached_property
     def usage(self) -> np.ndarray:
         """Patches per code over the whole dataset, int64 [K]."""
         return sum(self.counts.by_label.values(), np.zeros(self.book.k, np.int64))
 
-    @property
+    @cached_property
     def extract_size(self) -> int:
         """N, the pixels per side of the views the extractor saw."""
         return self.book.metadata.get("tokenizer_image_size") or self.preprocess.image_size
@@ -186,15 +184,12 @@ def scan(data: Dataset, max_images: int) -> Iterator[Scanned]:
 
 def _scanned(data: Dataset, sample: dict, where: str) -> Scanned:
     """Decode one raw sample and render its views as :class:`~kmim.datasets.loader.TokenDataset` does."""
-    pre, size, n = data.preprocess, data.preprocess.image_size, data.extract_size
+    size, n = data.preprocess.image_size, data.extract_size
     try:
-        checked = check_sample(sample, data.spec, where)
-        source = decode_source(checked.image, pre)
-        width, height = source.image.size
+        checked, source = decode_sample(sample, data.spec, data.preprocess, where)
         for v, geometry in enumerate(checked.geometry):
-            if geometry["source_size"] != [width, height] or (
-                    v == 0 and geometry != center_geometry(width, height, size)):
-                raise ReportError(f"{where}: view {v} {geometry} is not a view of the stored {width}x{height} image")
+            if (problem := view_problem(geometry, v, source, size)) is not None:
+                raise ReportError(f"{where}: {problem}")
         pixels = np.stack([render(source.image, g, size) for g in checked.geometry])
         extract = pixels if n == size else np.stack([render(source.image, g, n) for g in checked.geometry])
     except ShardError as e:
