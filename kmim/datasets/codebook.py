@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from fsspec import AbstractFileSystem
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from kmim.files import atomic_write_bytes
+from kmim.storage import get_file, is_local
 
 _META_KEY = "kmim"
 
@@ -91,3 +94,16 @@ def load_codebook(path: str | Path, where: str | None = None) -> Codebook:
     if book.tokenizer_id != meta.get("tokenizer_id"):
         raise ValueError(f"{where}: tokenizer_id {meta.get('tokenizer_id')} does not match its content")
     return book
+
+
+def load_codebook_at(fs: AbstractFileSystem, path: str, where: str | None = None) -> Codebook:
+    """:func:`load_codebook` of the file at ``path`` on ``fs``: in place on local disk, else through a temporary copy
+    (safetensors reads files). Raises FileNotFoundError when there is no file there, ValueError naming ``where``
+    (default: ``path``) when it is not a kmim codebook."""
+    if is_local(fs):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        return load_codebook(path, where)
+    with tempfile.TemporaryDirectory(prefix="kmim-codebook-") as d:
+        get_file(fs, path, Path(d) / "codebook.safetensors")
+        return load_codebook(Path(d) / "codebook.safetensors", where or path)

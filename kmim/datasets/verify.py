@@ -9,19 +9,18 @@ import hashlib
 import io
 import os
 import stat
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 from fsspec import AbstractFileSystem
 
-from kmim.datasets.codebook import load_codebook
-from kmim.datasets.manifest import CODEBOOK, ManifestError, TokenCounts, read_index, read_index_stats, read_manifest
+from kmim.datasets.codebook import load_codebook_at
+from kmim.datasets.manifest import ManifestError, TokenCounts, read_index, read_index_stats, read_manifest
 from kmim.datasets.samples import TokenSpec, check_sample
 from kmim.datasets.shards import ShardError, iter_tar
 from kmim.files import HASH_CHUNK
-from kmim.storage import get_file, is_local, join, open_url
+from kmim.storage import is_local, join, open_url
 
 
 class _Hashing(io.RawIOBase):
@@ -140,12 +139,7 @@ def _check_codebook(fs: AbstractFileSystem, root: str, manifest: dict) -> list[s
     if (problem := _not_a_file(fs, path)) is not None:
         return [f"{name}: {problem}"]
     try:
-        if is_local(fs):
-            book = load_codebook(path, name)
-        else:
-            with tempfile.TemporaryDirectory(prefix="kmim-verify-") as d:
-                get_file(fs, path, Path(d) / CODEBOOK)
-                book = load_codebook(Path(d) / CODEBOOK, name)
+        book = load_codebook_at(fs, path, name)
     except (OSError, ValueError) as e:
         return [str(e)]
     if book.k != manifest["codebook"]["k"]:

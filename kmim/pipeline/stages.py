@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,13 +21,13 @@ import numpy as np
 import torch
 from fsspec import AbstractFileSystem
 
-from kmim.datasets.codebook import Codebook, load_codebook
-from kmim.datasets.manifest import CODEBOOK, TokenCounts, index_name, shard_name, write_index
+from kmim.datasets.codebook import Codebook, load_codebook_at
+from kmim.datasets.manifest import TokenCounts, index_name, shard_name, write_index
 from kmim.datasets.preprocess import Views
 from kmim.datasets.shards import ShardWriter, encode_npy
 from kmim.pipeline.decoding import DecodeSpec, decoded, decoded_once, keep, sample_key
 from kmim.pipeline.sources import InputShard, RawSample, recorded_name
-from kmim.storage import get_file, is_local, join, open_url, put_verified, staging_dir
+from kmim.storage import is_local, join, open_url, put_verified, staging_dir
 from kmim.tokenizers.assign import nearest
 from kmim.tokenizers.extractors import Extractor, ExtractorSpec, PixelSpec, build_extractor
 
@@ -145,11 +144,7 @@ class FitSampleStage:
 @lru_cache(maxsize=2)
 def _cached_codebook(fs: AbstractFileSystem, path: str, stamp: int) -> Codebook:
     """The codebook at ``path``, loaded once per process and version (``stamp``: a checksum of its file info)."""
-    if is_local(fs):
-        return load_codebook(path)
-    with tempfile.TemporaryDirectory(prefix="kmim-codebook-") as d:
-        get_file(fs, path, Path(d) / CODEBOOK)
-        return load_codebook(Path(d) / CODEBOOK)
+    return load_codebook_at(fs, path)
 
 
 def _codebook(url: str, storage_options: dict) -> Codebook:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from fsspec import AbstractFileSystem
 
-from kmim.datasets.codebook import Codebook, load_codebook
+from kmim.datasets.codebook import Codebook, load_codebook_at
 from kmim.datasets.loader import TokenDataset, open_manifest
 from kmim.datasets.manifest import FIT_REPORT, TokenCounts, index_stats
 from kmim.datasets.preprocess import Preprocess, SkipImage, render
@@ -82,12 +81,12 @@ class Dataset:
 
 def open_dataset(root: str, storage_options: dict | None, cache_dir: Path) -> Dataset:
     """Open the committed dataset at ``root`` (a directory or fsspec URL); raises :class:`ReportError` (or the
-    loader's :class:`~kmim.datasets.shard_store.LoaderError`) naming the file at fault. ``cache_dir`` is a scratch
-    directory (the codebook is copied there to be opened)."""
+    loader's :class:`~kmim.datasets.shard_store.LoaderError`) naming the file at fault. ``cache_dir`` is the shard
+    reader's scratch directory."""
     where = redact(os.fspath(root))
     manifest = open_manifest(root, storage_options=storage_options)
     fs, path = open_url(os.fspath(root), storage_options)
-    book = _codebook(fs, path, manifest, cache_dir)
+    book = _codebook(fs, path, manifest)
     counts = _counts(fs, path, manifest)
     fit, note = _fit_report(fs, path, manifest)
     reader = None
@@ -98,18 +97,14 @@ def open_dataset(root: str, storage_options: dict | None, cache_dir: Path) -> Da
     return Dataset(where, manifest, book, counts, fit, note, reader)
 
 
-def _codebook(fs: AbstractFileSystem, root: str, manifest: dict, cache_dir: Path) -> Codebook:
+def _codebook(fs: AbstractFileSystem, root: str, manifest: dict) -> Codebook:
     """The manifest's codebook, checked to be the one its tokens came from."""
     path = join(root, manifest["codebook"]["path"])
     where = redact(url_of(fs, path))
     try:
-        data = fs.cat_file(path)
+        book = load_codebook_at(fs, path, where)
     except FileNotFoundError:
         raise ReportError(f"{where}: the codebook the manifest names does not exist") from None
-    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".safetensors") as f:
-        f.write(data)
-        f.flush()
-        book = load_codebook(f.name, where)
     if book.tokenizer_id != manifest["tokenizer_id"] or book.k != manifest["codebook"]["k"]:
         raise ReportError(f"{where}: tokenizer_id {book.tokenizer_id} / K={book.k} is not the manifest's "
                           f"{manifest['tokenizer_id']} / K={manifest['codebook']['k']} (field 'tokenizer_id')")
