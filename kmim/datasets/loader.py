@@ -38,7 +38,6 @@ that many shards, and every worker of a rank reads each shard its batches touch.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
@@ -53,7 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kmim.datasets.augment import Augment
 from kmim.datasets.geometry import ViewSpec, crop_geometry
-from kmim.datasets.manifest import MANIFEST, ManifestError, check_manifest
+from kmim.datasets.manifest import MANIFEST, ManifestError, parse_manifest
 from kmim.datasets.order import epoch_order, pick_view
 from kmim.datasets.preprocess import Preprocess, SkipImage, render
 from kmim.datasets.samples import TokenSpec, decode_sample, view_problem
@@ -92,17 +91,13 @@ def open_manifest(root: str | os.PathLike, *, expect_tokenizer_id: str | None = 
     url = join(os.fspath(root), MANIFEST)
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            manifest = json.loads(f.read())
+            manifest = parse_manifest(f.read(), url)
     except FileNotFoundError:
         # fsspec's HTTP filesystem reports a refused request (401, 403) as not found too.
         refused = ("; or the server refused the request: a `kmim serve --token` needs storage_options "
                    "{'client_kwargs': {'headers': {'Authorization': 'Bearer ...'}}}"
                    if url.startswith(("http://", "https://")) else "")
         raise LoaderError(f"{url}: no manifest (the dataset is missing or was never committed{refused})") from None
-    except ValueError as e:
-        raise LoaderError(f"{url}: not valid JSON ({e})") from None
-    try:
-        check_manifest(manifest, url)
     except ManifestError as e:
         raise LoaderError(str(e)) from None
     if expect_tokenizer_id is not None and manifest.get("tokenizer_id") != expect_tokenizer_id:

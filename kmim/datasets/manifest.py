@@ -293,6 +293,12 @@ def read_manifest(root: str | Path, fs: AbstractFileSystem | None = None) -> dic
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: no manifest (the dataset is missing or was never committed)") from None
+    return parse_manifest(data, where)
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    """The manifest in ``data`` once :func:`check_manifest` passes; :class:`ManifestError` naming ``where``
+    otherwise (invalid JSON included)."""
     try:
         manifest = json.loads(data)
     except ValueError as e:

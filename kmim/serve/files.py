@@ -14,7 +14,6 @@ served only while they are regular files (not symlinks) of the size recorded at 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -27,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from kmim.datasets.manifest import MANIFEST, ManifestError, check_manifest
+from kmim.datasets.manifest import MANIFEST, parse_manifest
 from kmim.files import sha256_file
 from kmim.storage import is_local, join, list_sizes, open_url, sha256_remote, url_of
 
@@ -152,11 +151,7 @@ def _read_manifest(fs: AbstractFileSystem, root: str) -> tuple[bytes, dict]:
         raw = fs.cat_file(path)
     except (FileNotFoundError, NotServable):
         raise ServeError(f"{where}: no manifest (the dataset is missing or was never committed)") from None
-    try:
-        manifest = json.loads(raw)
-    except ValueError as e:
-        raise ManifestError(f"{where}: not valid JSON ({e})") from None
-    return raw, check_manifest(manifest, where)
+    return raw, parse_manifest(raw, where)
 
 
 def _sizes(fs: AbstractFileSystem, root: str, names: list[str]) -> dict[str, int]:
