@@ -244,6 +244,21 @@ def index_stats(out: str | Path, shards: list[str],
     return found
 
 
+def dataset_counts(root: str | Path, manifest: dict, fs: AbstractFileSystem | None = None) -> TokenCounts:
+    """The token-by-label histograms of every shard index the (checked) ``manifest`` of the dataset at ``root``
+    lists, the indexes read as :func:`index_stats` reads them; :class:`ManifestError` naming the first index that
+    cannot be read."""
+    fs = fs or LocalFileSystem()
+    counts = TokenCounts(manifest["codebook"]["k"])
+    found = index_stats(root, [e["path"] for e in manifest["shards"]], fs)
+    for entry in manifest["shards"]:
+        where, stats = url_of(fs, join(str(root), entry["index"])), found[entry["path"]]
+        if isinstance(stats, Exception):
+            raise ManifestError(f"{where}: {stats}")
+        counts.add_columns(stats["token_counts"], where)
+    return counts
+
+
 def build_manifest(out: str | Path, shards: list[str], *, dataset: dict, fs: AbstractFileSystem | None = None,
                    known: dict[str, dict] | None = None) -> dict:
     """Assemble the manifest from finished shards' index stats plus dataset-level fields.

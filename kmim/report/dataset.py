@@ -21,12 +21,12 @@ from fsspec import AbstractFileSystem
 
 from kmim.datasets.codebook import Codebook, load_codebook_at
 from kmim.datasets.loader import TokenDataset, open_manifest
-from kmim.datasets.manifest import FIT_REPORT, TokenCounts, index_stats
+from kmim.datasets.manifest import FIT_REPORT, ManifestError, TokenCounts, dataset_counts
 from kmim.datasets.preprocess import Preprocess, SkipImage, render
 from kmim.datasets.samples import TokenSpec, decode_sample, view_problem
 from kmim.datasets.shard_store import LoaderError
 from kmim.datasets.shards import ShardError
-from kmim.storage import join, open_url, redact, url_of
+from kmim.storage import join, open_url, redact, redact_text, url_of
 
 
 class ReportError(ValueError):
@@ -113,14 +113,10 @@ def _codebook(fs: AbstractFileSystem, root: str, manifest: dict) -> Codebook:
 
 def _counts(fs: AbstractFileSystem, root: str, manifest: dict) -> TokenCounts:
     """The token-by-label histograms of all the manifest's shard indexes."""
-    counts = TokenCounts(manifest["codebook"]["k"])
-    found = index_stats(root, [e["path"] for e in manifest["shards"]], fs)
-    for entry in manifest["shards"]:
-        stats = found[entry["path"]]
-        if isinstance(stats, Exception):
-            raise ReportError(f"{redact(url_of(fs, join(root, entry['index'])))}: {stats}")
-        counts.add_columns(stats["token_counts"], redact(url_of(fs, join(root, entry["index"]))))
-    return counts
+    try:
+        return dataset_counts(root, manifest, fs)
+    except ManifestError as e:
+        raise ReportError(redact_text(str(e))) from None
 
 
 def _fit_report(fs: AbstractFileSystem, root: str, manifest: dict) -> tuple[dict | None, str]:

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 from fsspec import AbstractFileSystem
 
-from kmim.datasets.manifest import TokenCounts, read_index_stats, read_manifest
-from kmim.storage import join
+from kmim.datasets.manifest import TokenCounts, dataset_counts, read_manifest
 
 
 def tcas(counts: np.ndarray) -> float:
@@ -61,12 +60,7 @@ def dataset_report(root: str | Path, fs: AbstractFileSystem | None = None) -> di
     ``root`` is a directory, or a path inside the fsspec filesystem ``fs`` when given.
     """
     manifest = read_manifest(root, fs)
-    k = manifest["codebook"]["k"]
-    counted = TokenCounts(k)
-    for entry in manifest["shards"]:
-        path = join(str(root), entry["index"])
-        counted.add_columns(read_index_stats(path, fs)["token_counts"], path)
-    return counts_report(counted, manifest["samples"])
+    return counts_report(dataset_counts(root, manifest, fs), manifest["samples"])
 
 
 def counts_report(counted: TokenCounts, samples: int) -> dict:
