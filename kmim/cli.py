@@ -299,19 +299,30 @@ def eval_tokenizer(root: str = typer.Argument(..., help="dataset directory or UR
 @_settings_options(TrainConfig)
 def train_command(config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP), **settings: Any) -> None:
     """Train a MIM model on a kmim dataset (single process, or DDP under `torchrun --no-python kmim train`)."""
-    import os
-
     from kmim.trainer.config import load_train_config
-    from kmim.trainer.engine import TrainError, train
+    from kmim.trainer.engine import train
 
     with _invalid_config():
         cfg = load_train_config(config, settings)
+    _run_on_ranks(lambda: train(cfg), "training summary")
+
+
+def _run_on_ranks(run: Callable[[], dict], title: str, as_json: bool = False) -> None:
+    """``run()`` on this rank (one of torchrun's, or the only one); rank 0 logs progress and prints the summary it
+    returns, as a table or (``as_json``) one JSON object."""
+    import os
+
+    from kmim.trainer.engine import TrainError
+
     main = os.environ.get("RANK", "0") == "0"
-    _log_progress(main)
+    _log_progress(main and not as_json)
     with _reported(TrainError, ValueError, OSError):
-        summary = train(cfg)
+        summary = run()
     if main:
-        console.print(_report_table(summary, "training summary"))
+        if as_json:
+            print(json.dumps(summary))
+        else:
+            console.print(_report_table(summary, title))
 
 
 @eval_app.command("linprobe")
@@ -359,23 +370,12 @@ def eval_finetune(config: Path | None = typer.Option(None, "--config", help=_CON
                   **settings: Any) -> None:
     """Fine-tune a pre-trained run end to end (MAE / BEiT recipe) and report top-1 on held-out data (single
     process, or DDP under `torchrun --no-python kmim eval finetune`)."""
-    import os
-
     from kmim.trainer.config import load_finetune_config
-    from kmim.trainer.engine import TrainError
     from kmim.trainer.finetune import finetune
 
     with _invalid_config():
         cfg = load_finetune_config(config, settings)
-    main = os.environ.get("RANK", "0") == "0"
-    _log_progress(main and not as_json)
-    with _reported(TrainError, ValueError, OSError):
-        summary = finetune(cfg)
-    if main:
-        if as_json:
-            print(json.dumps(summary))
-        else:
-            console.print(_report_table(summary, "fine-tuning summary"))
+    _run_on_ranks(lambda: finetune(cfg), "fine-tuning summary", as_json)
 
 
 def main() -> None:
