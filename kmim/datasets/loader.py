@@ -286,7 +286,7 @@ class TokenDataset(IterableDataset):
     def _batch(self, ids: np.ndarray, epoch: int, first_slot: int) -> dict:
         """The batch of global sample ids ``ids`` int64 [B] of ``epoch``, the first at global position
         ``first_slot`` of the epoch's sequence (which seeds its augmentation)."""
-        views = self._spec.views if self.random_views and self.crops is None else 1
+        views = self._spec.views if self.random_views else 1
         picked = [-1 if self.crops else pick_view(self.seed, epoch, int(i), views) for i in ids]
         out = []
         for slot, i, v in zip(range(first_slot, first_slot + len(ids)), ids, picked, strict=True):

@@ -3,6 +3,7 @@ process group, the DDP wrapper, metric averaging over ranks and gathering every 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +95,12 @@ def wrap_ddp(model: nn.Module, d: Dist) -> nn.Module:
     if d.world == 1:
         return model
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def grad_sync(ddp: nn.Module, d: Dist, micro: int, accum_steps: int) -> contextlib.AbstractContextManager:
+    """The context of micro-batch ``micro``'s backward: DDP all-reduces gradients on the last of ``accum_steps``
+    only (``no_sync`` before it)."""
+    return contextlib.nullcontext() if micro == accum_steps - 1 or d.world == 1 else ddp.no_sync()
 
 
 def distributed(device: str, body: Callable[[Dist], dict]) -> dict:

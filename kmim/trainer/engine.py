@@ -13,7 +13,6 @@ uninterrupted run would (bitwise on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ from kmim.trainer.checkpoint import (
     set_rng_state,
 )
 from kmim.trainer.config import TrainConfig
-from kmim.trainer.ddp import Dist, MetricWindow, TrainError, distributed, gather_rng, wrap_ddp
+from kmim.trainer.ddp import Dist, MetricWindow, TrainError, distributed, gather_rng, grad_sync, wrap_ddp
 from kmim.trainer.objectives import MIMObjective, build_objective
 from kmim.trainer.plot import MIM_PANELS, plot_curves
 
@@ -103,10 +102,15 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps)
 
 
+def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """A 64-bit seed that depends only on (seed, rank, step, micro-step)."""
+    words = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, np.uint32)
+    return int(words[0]) << 32 | int(words[1])
+
+
 def masking_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
     """A CPU generator whose stream depends only on (seed, rank, step, micro-step)."""
-    words = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+    return torch.Generator().manual_seed(step_seed(seed, rank, step, micro))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -240,8 +244,7 @@ def forward_backward(ddp: nn.Module, batch: dict, cfg: TrainConfig, d: Dist, ste
     gradient, ``loss / accum_steps``, is added to the parameters'; DDP all-reduces on the last micro-batch only."""
     images = batch["image"].to(d.device, non_blocking=True)
     tokens = batch["tokens"].to(d.device, non_blocking=True)
-    last = micro == cfg.accum_steps - 1
-    with contextlib.nullcontext() if last or d.world == 1 else ddp.no_sync():
+    with grad_sync(ddp, d, micro, cfg.accum_steps):
         out = ddp(images, tokens, generator=masking_generator(cfg.seed, d.rank, step, micro))
         (out["loss"] / cfg.accum_steps).backward()
     return out
@@ -251,6 +254,16 @@ def append_samples(path: Path, step: int, micro: int, batch: dict) -> None:
     """Audit log: the sample indices of micro-batch ``micro`` of step ``step`` (1-based), one JSON line."""
     with open(path, "a") as f:
         f.write(json.dumps({"step": step, "micro": micro, "index": batch["index"].tolist()}) + "\n")
+
+
+def finish_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, step: int,
+                loss: torch.Tensor) -> torch.Tensor:
+    """End optimizer step ``step`` (0-based) once its micro-batches' gradients are in: :func:`clip_gradients`, the
+    update, gradients cleared. Returns the gradient norm before clipping."""
+    norm = clip_gradients(model, grad_clip, step, loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def clip_gradients(model: nn.Module, grad_clip: float, step: int, loss: torch.Tensor) -> torch.Tensor:
@@ -344,10 +357,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
             window.add(out)
             if sample_log:
                 append_samples(sample_log, step + 1, micro, batch)
-        norm = clip_gradients(model, cfg.grad_clip, step, out["loss"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.add({"grad_norm": norm})
+        window.add({"grad_norm": finish_step(model, optimizer, cfg.grad_clip, step, out["loss"])})
         step += 1
 
         if step % cfg.log_every == 0 or step == sched.stop:

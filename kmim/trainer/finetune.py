@@ -17,7 +17,6 @@ every epoch and at the end; ``val_top1`` goes to ``metrics.jsonl`` and ``curves.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -34,18 +33,18 @@ from kmim.files import atomic_write
 from kmim.trainer.checkpoint import Checkpoint, load_weights
 from kmim.trainer.classifier import Classifier, param_groups
 from kmim.trainer.config import FinetuneConfig, TrainConfig
-from kmim.trainer.ddp import Dist, MetricWindow, TrainError, distributed, wrap_ddp
+from kmim.trainer.ddp import Dist, MetricWindow, TrainError, distributed, grad_sync, wrap_ddp
 from kmim.trainer.engine import (
     METRICS,
     Progress,
     Schedule,
     check_material,
-    clip_gradients,
+    finish_step,
     forever,
-    masking_generator,
     pretrained_run,
     resume_state,
     save_state,
+    step_seed,
     truncate_logs,
     warmup_cosine,
 )
@@ -132,12 +131,10 @@ def step_loss(ddp: torch.nn.Module, batch: dict, cfg: FinetuneConfig, d: Dist, s
     """Loss and train top-1 of micro-batch ``micro`` of optimizer step ``step`` (0-based); its gradient
     (``loss / accum_steps``) is added to the parameters' (DDP all-reduces on the last micro-batch only)."""
     images, labels = batch["image"].to(d.device, non_blocking=True), batch["label"].to(d.device, non_blocking=True)
-    last = micro == cfg.accum_steps - 1
     # A DataLoader draws from the global RNG when it starts, so drop path gets its own seeded stream.
-    seed = masking_generator(cfg.seed, d.rank, step, micro).initial_seed()
-    with (contextlib.nullcontext() if last or d.world == 1 else ddp.no_sync(),
+    with (grad_sync(ddp, d, micro, cfg.accum_steps),
           torch.random.fork_rng(devices=[d.device.index] if d.device.type == "cuda" else [])):
-        torch.manual_seed(seed)
+        torch.manual_seed(step_seed(cfg.seed, d.rank, step, micro))
         logits = ddp(images)
         loss = F.cross_entropy(logits, labels, ignore_index=-1, label_smoothing=cfg.label_smoothing)
         (loss / cfg.accum_steps).backward()
@@ -178,9 +175,7 @@ def _finetune(cfg: FinetuneConfig, d: Dist) -> dict:
         for micro in range(cfg.accum_steps):
             out = step_loss(ddp, next(batches), cfg, d, step, micro)
             window.add(out)
-        window.add({"grad_norm": clip_gradients(model, cfg.grad_clip, step, out["loss"])})
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        window.add({"grad_norm": finish_step(model, optimizer, cfg.grad_clip, step, out["loss"])})
         step += 1
         epoch_end = step % sched.steps_per_epoch == 0 or step == sched.stop
         if epoch_end:
