@@ -268,7 +268,8 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "l2", met
 
     ``threads``: None (the default) runs a faiss search on faiss's OpenMP threads (as many as torch's on this
     thread), a number splits it over that many threads of one-thread searches (see :func:`_scores_faiss`: robust
-    on a loaded machine; the k-means fit passes its thread count). The torch GEMM uses torch's threads.
+    on a loaded machine; the k-means fit and the tokenize stage pass their thread count). The torch GEMM uses
+    torch's threads.
     """
     x, c = x.float().contiguous(), centroids.float().contiguous().to(x.device)
     with ieee_fp32():
