@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -86,3 +88,15 @@ def test_a_new_architecture_setting_is_checked_on_resume(tmp_path: Path) -> None
         check_run_dir(WiderMLP(data="d", out=str(tmp_path), resume=True, model_mlp_ratio=2.0), info)
     with pytest.raises(TrainError, match="field 'lr'"):
         check_run_dir(WiderMLP(data="d", out=str(tmp_path), resume=True, lr=1e-2), info)
+
+
+def test_the_command_line_exits_with_its_code_and_all_its_output(tmp_path: Path) -> None:
+    # kmim's main() skips the interpreter's teardown: output through pipes still arrives whole, codes are kept
+    kmim = [sys.executable, "-m", "kmim.cli"]
+    shown = subprocess.run([*kmim, "run", "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "--kmeans-epochs" in shown.stdout and shown.stdout.rstrip().endswith("╯")
+    wrong = subprocess.run([*kmim, "run", "--no-such-option"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "No such option" in wrong.stderr
+    refused = subprocess.run([*kmim, "run", "--out", str(tmp_path), "--k", "0"], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and refused.stderr.endswith("greater than or equal to 2 (got 0)\n")

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 
 from kmim.datasets.geometry import ViewSpec, center_geometry, view_box, view_geometries
 from kmim.datasets.orientation import STORED_AXES, exif_orientation, stored_box
+from kmim.datasets.png import decode_plain_png, plain_png_size
 from kmim.datasets.resample import resample_box
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
@@ -309,6 +310,11 @@ def decode_source(data: bytes, pre: Preprocess) -> Source:
     if not data:
         raise SkipImage(EMPTY)
     with _as_skip():
+        size = plain_png_size(data)
+        if size is not None and size[0] * size[1] <= pre.max_image_pixels and min(size) >= pre.min_image_size:
+            pixels = decode_plain_png(data, size)
+            if pixels is not None:
+                return Source(Image.fromarray(pixels), data, "png")
         img = _opened(data, pre)  # once: the scaled method's JPEG check and the full decode share it
         jpeg = _jpeg_source(data, pre, img) if pre.render == SCALED else None
         if jpeg is not None:

@@ -42,6 +42,7 @@ FAISS_PART = 1024
 # reading them back dominates at small dimensions; 512 x 512 blocks (1 MiB, in L2) searched 18-24% faster at d=48
 # (K=1024 and 8192, top-1 and top-2) and 3-5% at d=384 and 768 (benchmarks/search_blocks.py).
 BLAS_BLOCKS = (512, 512)
+PROBE_ROWS = 2048  # rows the exact search's backends are timed on (_pick_method)
 
 
 def _precision_switches() -> list:
@@ -78,6 +79,18 @@ def ieee_fp32() -> Iterator[None]:
         torch.set_float32_matmul_precision(legacy)
         for s, value in zip(switches, saved, strict=True):
             s.fp32_precision = value
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Torch on ``n`` threads within the block (the k-means fit's bookkeeping on one, see
+    :meth:`kmim.tokenizers.kmeans.Partition._assign`; a split faiss search's own, see :func:`nearest`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @cache
@@ -163,7 +176,9 @@ def _pick_method(x: torch.Tensor, c: torch.Tensor, metric: str, threads: int | N
     once per shape."""
     key = (c.shape[0], c.shape[1], metric, threads)
     if key not in _choice:
-        probe = x[: min(x.shape[0], 8192)]
+        # 2,048 rows pick as 8,192 did at d=48-768, K=1,024-8,192 (faiss on 2 cores), at a quarter of the cost
+        # (0.11 s -> 0.02 s at d=48, K=1,024; 1.7 s -> 0.44 s at d=768, K=8,192: both backends run twice).
+        probe = x[:PROBE_ROWS]
         timings = {}
         for method, fn in (("torch", _scores_torch), ("faiss", functools.partial(_scores_faiss, threads=threads))):
             fn(probe, c, metric, 2)  # warm-up
@@ -283,10 +298,19 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, metric: str, method: str, exact: 
         method = "torch"
     elif method == "auto":
         method = _pick_method(x, c, metric, threads) if exact else fast_method(x.device)
-    if method == "faiss":
-        vals, idxs = _scores_faiss(x, c, metric, n, threads)
-    else:
-        vals, idxs = _scores_torch(x, c, metric, n)
+    if method != "faiss":
+        return _settled(x, c, *_scores_torch(x, c, metric, n), metric, exact)
+    if threads is None:
+        return _settled(x, c, *_scores_faiss(x, c, metric, n, threads), metric, exact)
+    # The search's threads have the cores: torch's own ops on one (on two, its OpenMP workers spin-waited after each
+    # op while faiss searched: an exact search of 16k CIFAR patches took 16.5 ms instead of 13.9 ms on 2 cores).
+    with torch_threads(1):
+        return _settled(x, c, *_scores_faiss(x, c, metric, n, threads), metric, exact)
+
+
+def _settled(x: torch.Tensor, c: torch.Tensor, vals: torch.Tensor, idxs: torch.Tensor, metric: str,
+             exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, score) of the best of the top-n (vals, idxs [N, n]); ``exact``: every near tie settled exactly."""
     best, score = idxs[:, 0].clone(), vals[:, 0].clone()
     if not exact:
         return best, score

@@ -29,8 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -41,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kmim.files import atomic_write
-from kmim.tokenizers.assign import exact_method, fast_method, nearest
+from kmim.tokenizers.assign import exact_method, fast_method, nearest, torch_threads
 from kmim.tokenizers.kmeanspp import kmeans_plus_plus
 from kmim.tokenizers.minibatch import Scratch, StepStats, batch_stats, point_cost
 
@@ -138,17 +137,6 @@ class FitData(Protocol):
 
 
 FAST_METHODS = ("faiss", "torch")
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Torch on ``n`` threads within the block (the fit's bookkeeping on one, see :func:`Partition._assign`)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class Partition:

@@ -52,10 +52,12 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Te
     n = x.shape[0]
     trials = 2 + int(math.log(k))
     x_sq = (x * x).sum(1)
-    x_t = x.T.contiguous()  # the GEMM's second operand laid out as it reads it: 20% faster, the same sums
+    # The GEMM's second operand laid out as it reads it (20% faster) and times -2: scaling by a power of two is
+    # exact, so the products are -2 x.x bit for bit, without a pass over them.
+    x_t = x.T.mul(-2).contiguous()
 
     def sq_dist(rows: torch.Tensor) -> torch.Tensor:  # [len(rows), N]: x_sq[rows] - 2 x[rows].x + x_sq, in place
-        return (x[rows] @ x_t).mul_(-2).add_(x_sq[rows, None]).add_(x_sq).clamp_min_(0)
+        return (x[rows] @ x_t).add_(x_sq[rows, None]).add_(x_sq).clamp_min_(0)
 
     first = torch.randint(n, (1,), generator=gen)
     chosen = [first]
@@ -66,7 +68,7 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Te
             idx = torch.randint(n, (1,), generator=gen)
         else:
             r = torch.rand(trials, generator=gen, dtype=torch.float64) * float(pot)
-            idx = torch.searchsorted(torch.cumsum(closest.double(), 0), r).clamp_(max=n - 1)
+            idx = torch.searchsorted(torch.cumsum(closest, 0, dtype=torch.float64), r).clamp_(max=n - 1)
         new_closest = sq_dist(idx)
         torch.minimum(closest.unsqueeze(0), new_closest, out=new_closest)
         best = int(new_closest.sum(1).argmin())
