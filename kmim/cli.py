@@ -383,14 +383,11 @@ def eval_finetune(config: Path | None = typer.Option(None, "--config", help=_CON
 
 
 def main() -> None:
-    """The ``kmim`` command (the console script)."""
+    """The command line (the console script's, after :mod:`kmim.__main__` imported it; and ``python -m kmim.cli``)."""
     # The imported modules' objects (torch's alone are a few hundred thousand) live until the process exits: frozen,
     # the cyclic collector never walks them again, in the job or at exit (0.38 s to 0.15 s after importing torch).
-    # A job's own objects come in bursts (a few per input image): collecting every 50,000 allocations instead of
-    # 700 took the CIFAR job's collections from 0.17 s (three full ones) to 0.06 s. Here, not in the typer app, so
-    # that a process calling the app (tests) keeps its own collection.
+    # Here, not in the typer app, so that a process calling the app (tests) keeps its own collection.
     gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
     try:
         app()
     except SystemExit as done:
