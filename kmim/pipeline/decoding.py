@@ -21,7 +21,8 @@ from kmim.pipeline.sources import InputShard, RawSample, SourceSpec, read_shard,
 log = logging.getLogger("kmim")
 
 # Images stored in fewer bytes are decoded by the thread that consumes them: their decode is mostly Python holding
-# the GIL, and two threads decoded 32-96 px images at 0.68-0.85x the speed of one (benchmarks/decode_threads.py).
+# the GIL, and two threads decoded 32-96 px JPEGs (1.6-6.7 KB) and 32 px PNGs (3.7 KB) at 0.5-0.78x the speed of one;
+# a 64 px PNG (12 KB) at 1.05x, larger images at 1.4-1.9x (benchmarks/decode_threads.py).
 INLINE_BYTES = 8 << 10
 
 Decoded = tuple[RawSample, Views | None, str | None]  # (raw sample, views or None, skip reason or None)
