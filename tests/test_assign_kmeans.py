@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kmim.tokenizers.assign import fast_method, nearest, search_parts
+from kmim.tokenizers.assign import fast_method, nearest
 from kmim.tokenizers.kmeans import fit_kmeans, kmeans_plus_plus
 from kmim.tokenizers.minibatch import Scratch, point_cost, summed_cost
 
@@ -160,20 +160,3 @@ def test_a_split_faiss_search_rounds_like_the_whole_one() -> None:
     for threads in (2, 4, None):
         split = nearest(x, c, method="faiss", exact=False, threads=threads)
         assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
-
-
-@pytest.mark.parametrize("exact", [False, True])
-def test_a_fit_whose_threads_gather_their_own_rows_is_the_one_thread_fit(exact: bool) -> None:
-    # On 2 threads each mini-batch of 4,096 is searched in two parts, each gathered by the thread that searches it.
-    x = mixture(n=9000, d=48, seed=4)
-    kw = {"epochs": 2, "batch_size": 4096, "seed": 1, "method": "faiss", "exact": exact, "device": "cpu"}
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = fit_kmeans(x, 24, **kw)
-        torch.set_num_threads(2)
-        two = fit_kmeans(x, 24, **kw)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one.centroids, two.centroids) and one.history == two.history and one.inertia == two.inertia
-    assert search_parts(4096, 2) == [slice(0, 2048), slice(2048, 4096)] and len(search_parts(4096, 8)) == 4

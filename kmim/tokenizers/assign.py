@@ -129,18 +129,8 @@ def _scores_torch(x: torch.Tensor, c: torch.Tensor, metric: str, n: int) -> tupl
 
 
 @functools.cache
-def search_pool(threads: int) -> ThreadPoolExecutor:
-    """The threads that run split faiss searches (one pool per thread count, for the process's life)."""
+def _search_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="kmim-search")
-
-
-def search_parts(rows: int, threads: int) -> list[slice]:
-    """How a faiss search of ``rows`` rows on ``threads`` threads is split: into at most ``threads`` consecutive
-    parts of at least FAISS_PART rows (one part when there are fewer), sizes differing by at most one row."""
-    parts = max(1, min(threads, rows // FAISS_PART))
-    size, extra = divmod(rows, parts)
-    starts = [i * size + min(i, extra) for i in range(parts + 1)]
-    return [slice(starts[i], starts[i + 1]) for i in range(parts)]
 
 
 def _search_part(index, x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,11 +161,11 @@ def _scores_faiss(x: torch.Tensor, c: torch.Tensor, metric: str, n: int,
     index = faiss.IndexFlatL2(c.shape[1]) if metric == "l2" else faiss.IndexFlatIP(c.shape[1])
     index.add(np.ascontiguousarray(c.cpu().numpy(), dtype=np.float32))
     rows = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
-    parts = [slice(0, rows.shape[0])] if threads is None else search_parts(rows.shape[0], threads)
-    if len(parts) == 1:
+    parts = 0 if threads is None else max(1, min(threads, rows.shape[0] // FAISS_PART))
+    if parts <= 1:
         d, i = index.search(rows, n) if threads is None else _search_part(index, rows, n)
     else:
-        found = list(search_pool(len(parts)).map(lambda part: _search_part(index, rows[part], n), parts))
+        found = list(_search_pool(parts).map(lambda part: _search_part(index, part, n), np.array_split(rows, parts)))
         d, i = np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
     d, i = torch.from_numpy(d), torch.from_numpy(i)
     return (d if metric == "l2" else -d), i

@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kmim.files import atomic_write
-from kmim.tokenizers.assign import exact_method, fast_method, nearest, search_parts, search_pool, torch_threads
+from kmim.tokenizers.assign import exact_method, fast_method, nearest, torch_threads
 from kmim.tokenizers.kmeanspp import kmeans_plus_plus
 from kmim.tokenizers.minibatch import Scratch, StepStats, batch_stats, point_cost
 
@@ -191,35 +191,15 @@ class Partition:
             return nearest(xb.to(self.device), centroids.to(self.device), metric=self.metric, method=self.method,
                            exact=self.exact, threads=self.threads)[0].cpu()
 
-    def _gathered(self, rows: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(xb float32, x64 float64 [b, D], in this partition's scratch buffers; centroid int64 [b]) of the points
-        at local indices rows [b]. A faiss search split over threads has each thread gather and widen the rows of
-        its own part before searching them (the gathers were 0.4 ms of a step's 1.05 ms of bookkeeping at 8,192 x
-        48): the same parts, searched the same way, as :func:`kmim.tokenizers.assign.nearest` would split them."""
-        b, d = rows.numel(), self.x.shape[1]
-        xb, x64 = self.scratch.get("x", b, d, torch.float32), self.scratch.get("x64", b, d, torch.float64)
-        cpu = torch.device(self.device).type == "cpu"
-        parts = search_parts(b, self.threads) if cpu and self.method == "faiss" else [slice(0, b)]
-        if len(parts) == 1:
-            torch.index_select(self.x, 0, rows, out=xb)
-            return xb, x64.copy_(xb), self._assign(xb, centroids)
-
-        def part(rows_of: slice) -> torch.Tensor:
-            with torch_threads(1):
-                torch.index_select(self.x, 0, rows[rows_of], out=xb[rows_of])
-                x64[rows_of].copy_(xb[rows_of])
-                return nearest(xb[rows_of], centroids, metric=self.metric, method="faiss", exact=self.exact,
-                               threads=1)[0]
-
-        return xb, x64, torch.cat(list(search_pool(len(parts)).map(part, parts)))
-
     def step(self, centroids: torch.Tensor, start: int, stop: int, candidates: int) -> StepStats:
         with torch_threads(1):
             lo, hi = (int(torch.searchsorted(self._pos, v)) for v in (start, stop))
             rows = self._rows[lo:hi]
-            xb, x64, idx = self._gathered(rows, centroids)
-            return batch_stats(xb, x64, self._pos[lo:hi] - start, idx, centroids, sq=self.sq.index_select(0, rows),
-                               metric=self.metric, candidates=candidates)
+            b, d = rows.numel(), self.x.shape[1]
+            xb = torch.index_select(self.x, 0, rows, out=self.scratch.get("x", b, d, torch.float32))
+            x64 = self.scratch.get("x64", b, d, torch.float64).copy_(xb)
+            return batch_stats(xb, x64, self._pos[lo:hi] - start, self._assign(xb, centroids), centroids,
+                               sq=self.sq.index_select(0, rows), metric=self.metric, candidates=candidates)
 
     def evaluate(self, centroids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
         total, used = 0.0, torch.zeros(centroids.shape[0], dtype=torch.bool)
