@@ -197,9 +197,9 @@ class Partition:
             rows = self._rows[lo:hi]
             b, d = rows.numel(), self.x.shape[1]
             xb = torch.index_select(self.x, 0, rows, out=self.scratch.get("x", b, d, torch.float32))
-            x64 = self.scratch.get("x64", b, d, torch.float64).copy_(xb)
-            return batch_stats(xb, x64, self._pos[lo:hi] - start, self._assign(xb, centroids), centroids,
-                               sq=self.sq.index_select(0, rows), metric=self.metric, candidates=candidates)
+            return batch_stats(xb, self._pos[lo:hi] - start, self._assign(xb, centroids), centroids,
+                               sq=self.sq.index_select(0, rows), metric=self.metric, candidates=candidates,
+                               scratch=self.scratch)
 
     def evaluate(self, centroids: torch.Tensor, chunk: int) -> tuple[float, torch.Tensor]:
         total, used = 0.0, torch.zeros(centroids.shape[0], dtype=torch.bool)

@@ -5,7 +5,7 @@ reduction over shares (:func:`merge_stats`), and the costs of points to their ce
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,19 +39,33 @@ class Scratch:
         return buf[:rows]
 
 
+# Rows are widened to float64 this many elements at a time (512 KiB, in cache) and used at once: a whole 8,192-row
+# mini-batch widened first, then summed, streamed through memory 3x slower at d=768 (9.5 vs 3.1 ms) and 1.3x at
+# d=48. Rows stay in order, so the sums and costs are bit for bit those of the whole batch.
+WIDEN_ELEMS = 1 << 16
+
+
+def _widened(x: torch.Tensor, scratch: Scratch | None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, x[rows] in float64) for consecutive runs of rows of x [N, D], in ``scratch`` when given."""
+    n, d = x.shape
+    step = max(1, WIDEN_ELEMS // max(d, 1))
+    for lo in range(0, n, step):
+        rows = slice(lo, min(lo + step, n))
+        part = x[rows]
+        yield rows, (part.double() if scratch is None else
+                     scratch.get("x64", part.shape[0], d, torch.float64).copy_(part))
+
+
 def point_cost(x: torch.Tensor, centroids: torch.Tensor, idx: torch.Tensor, metric: str,
                scratch: Scratch | None = None) -> torch.Tensor:
     """float64 [N]: cost of each row of x [N, D] to centroid idx [N], by direct difference (not a GEMM), so a
     point's cost does not depend on which other points share its batch; in ``scratch``'s buffers when given."""
-    n, d = x.shape
-    if scratch is None:
-        x64, c64 = x.to(torch.float64, copy=True), centroids.double()[idx]
-    else:
-        x64 = scratch.get("cost_x", n, d, torch.float64).copy_(x)
-        c64 = torch.index_select(centroids.double(), 0, idx, out=scratch.get("cost_c", n, d, torch.float64))
-    if metric == "ip":
-        return 1.0 - x64.mul_(c64).sum(1)
-    return x64.sub_(c64).square_().sum(1)
+    c64, cost = centroids.double(), torch.empty(x.shape[0], dtype=torch.float64)
+    for rows, x64 in _widened(x, scratch):
+        c = c64[idx[rows]] if scratch is None else torch.index_select(
+            c64, 0, idx[rows], out=scratch.get("cost_c", x64.shape[0], x64.shape[1], torch.float64))
+        cost[rows] = 1.0 - x64.mul_(c).sum(1) if metric == "ip" else x64.sub_(c).square_().sum(1)
+    return cost
 
 
 def farthest(cost: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
@@ -70,10 +84,10 @@ def summed_cost(sq: torch.Tensor, c64: torch.Tensor, sums: torch.Tensor, counts:
     return float(sq.sum()) - 2 * dot + float((counts.double() * (c64 * c64).sum(1)).sum())
 
 
-def batch_stats(xb: torch.Tensor, x64: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, centroids: torch.Tensor,
-                *, sq: torch.Tensor, metric: str, candidates: int) -> StepStats:
-    """Statistics of points xb float32 [b, D] (x64: the same in float64) with squared norms sq float64 [b], at
-    mini-batch positions pos int64 [b], assigned to centroids idx int64 [b] of centroids [K, D].
+def batch_stats(xb: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, centroids: torch.Tensor, *, sq: torch.Tensor,
+                metric: str, candidates: int, scratch: Scratch) -> StepStats:
+    """Statistics of points xb float32 [b, D] with squared norms sq float64 [b], at mini-batch positions pos int64
+    [b], assigned to centroids idx int64 [b] of centroids [K, D]; work buffers from ``scratch``.
 
     Sums and costs in float64; per-point costs only when ``candidates`` (how many reseeding candidates to keep: the
     farthest points) is not 0.
@@ -81,13 +95,15 @@ def batch_stats(xb: torch.Tensor, x64: torch.Tensor, pos: torch.Tensor, idx: tor
     # Dense over K, then the centroids that got points: cheaper than torch.unique's sort at K <= ~64k.
     counts = torch.bincount(idx, minlength=centroids.shape[0])
     ids = torch.nonzero(counts).flatten()
-    sums = torch.zeros(centroids.shape[0], xb.shape[1], dtype=torch.float64).index_add_(0, idx, x64)[ids]
-    counts = counts[ids]
+    sums = torch.zeros(centroids.shape[0], xb.shape[1], dtype=torch.float64)
+    for rows, x64 in _widened(xb, scratch):
+        sums.index_add_(0, idx[rows], x64)
+    sums, counts = sums[ids], counts[ids]
     cost = summed_cost(sq, centroids[ids].double(), sums, counts, metric)
     if not candidates:
         none = torch.zeros(0, dtype=torch.int64)
         return StepStats(ids, sums, counts, cost, none.double(), none, xb[none])
-    point = point_cost(xb, centroids, idx, metric)
+    point = point_cost(xb, centroids, idx, metric, scratch)
     top = farthest(point, pos, candidates)
     return StepStats(ids, sums, counts, cost, point[top], pos[top], xb[top])
 
