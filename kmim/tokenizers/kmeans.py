@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from kmim.files import atomic_write
 from kmim.tokenizers.assign import exact_method, fast_method, nearest, torch_threads
 from kmim.tokenizers.kmeanspp import kmeans_plus_plus
-from kmim.tokenizers.minibatch import Scratch, StepStats, batch_stats, point_cost
+from kmim.tokenizers.minibatch import Scratch, StepStats, batch_stats, point_cost, widened
 
 logger = logging.getLogger("kmim")
 CHECKPOINT = "kmeans-state.safetensors"
@@ -148,8 +148,9 @@ class Partition:
                  device: str | torch.device = "cpu", exact: bool = True) -> None:
         x = x.float().contiguous()
         self.x = _unit(x) if metric == "ip" else x
-        # float64 [n]: the steps' costs come from them (summed_cost); in chunks, not one float64 copy of x
-        self.sq = torch.cat([(c.double() ** 2).sum(1) for c in self.x.split(16384)])
+        # float64 [n]: the steps' costs come from them (summed_cost); widened a cacheful at a time, not one float64
+        # copy of x (0.09 s -> 0.02 s for the CIFAR patches)
+        self.sq = torch.cat([(x64 ** 2).sum(1) for _, x64 in widened(self.x, None)])
         self.offset, self.metric, self.method, self.device, self.exact = offset, metric, method, device, exact
         self.threads = torch.get_num_threads()  # of the searches not on faiss
         self.scratch = Scratch()

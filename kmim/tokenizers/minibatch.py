@@ -45,7 +45,7 @@ class Scratch:
 WIDEN_ELEMS = 1 << 16
 
 
-def _widened(x: torch.Tensor, scratch: Scratch | None) -> Iterator[tuple[slice, torch.Tensor]]:
+def widened(x: torch.Tensor, scratch: Scratch | None) -> Iterator[tuple[slice, torch.Tensor]]:
     """(rows, x[rows] in float64) for consecutive runs of rows of x [N, D], in ``scratch`` when given."""
     n, d = x.shape
     step = max(1, WIDEN_ELEMS // max(d, 1))
@@ -61,7 +61,7 @@ def point_cost(x: torch.Tensor, centroids: torch.Tensor, idx: torch.Tensor, metr
     """float64 [N]: cost of each row of x [N, D] to centroid idx [N], by direct difference (not a GEMM), so a
     point's cost does not depend on which other points share its batch; in ``scratch``'s buffers when given."""
     c64, cost = centroids.double(), torch.empty(x.shape[0], dtype=torch.float64)
-    for rows, x64 in _widened(x, scratch):
+    for rows, x64 in widened(x, scratch):
         c = c64[idx[rows]] if scratch is None else torch.index_select(
             c64, 0, idx[rows], out=scratch.get("cost_c", x64.shape[0], x64.shape[1], torch.float64))
         cost[rows] = 1.0 - x64.mul_(c).sum(1) if metric == "ip" else x64.sub_(c).square_().sum(1)
@@ -96,7 +96,7 @@ def batch_stats(xb: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, centroid
     counts = torch.bincount(idx, minlength=centroids.shape[0])
     ids = torch.nonzero(counts).flatten()
     sums = torch.zeros(centroids.shape[0], xb.shape[1], dtype=torch.float64)
-    for rows, x64 in _widened(xb, scratch):
+    for rows, x64 in widened(xb, scratch):
         sums.index_add_(0, idx[rows], x64)
     sums, counts = sums[ids], counts[ids]
     cost = summed_cost(sq, centroids[ids].double(), sums, counts, metric)
