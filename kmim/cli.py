@@ -385,8 +385,8 @@ def eval_finetune(config: Path | None = typer.Option(None, "--config", help=_CON
 def main() -> None:
     """The command line (the console script's, after :mod:`kmim.__main__` imported it; and ``python -m kmim.cli``)."""
     # The imported modules' objects (torch's alone are a few hundred thousand) live until the process exits: frozen,
-    # the cyclic collector never walks them again, in the job or at exit (0.38 s to 0.15 s after importing torch).
-    # Here, not in the typer app, so that a process calling the app (tests) keeps its own collection.
+    # the cyclic collector never walks them again during the command. Here, not in the typer app, so that a process
+    # calling the app (tests) keeps its own collection and its own exit.
     gc.freeze()
     try:
         app()
