@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import gc
 import inspect
 import json
 import logging
-import os
-import sys
-import threading
 import types
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, NoReturn, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import typer
 from pydantic import BaseModel
@@ -122,7 +117,7 @@ def _say(label: str, message: object, sep: str = ": ") -> None:
     console.print(f"[red]{label}[/red]", escape(redact_text(str(message))), sep=sep)
 
 
-@contextlib.contextmanager
+@contextmanager
 def _invalid_config() -> Iterator[None]:
     """A ConfigError (invalid settings, found before any work) as ``config error:`` and its message, exit status 2."""
     try:
@@ -132,7 +127,7 @@ def _invalid_config() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-@contextlib.contextmanager
+@contextmanager
 def _reported(*errors: type[BaseException]) -> Iterator[None]:
     """Turn ``errors`` and any storage-service error (unreachable endpoint, no credentials) into one redacted
     ``error: ...`` line and exit status 1, instead of a traceback."""
@@ -380,34 +375,3 @@ def eval_finetune(config: Path | None = typer.Option(None, "--config", help=_CON
     with _invalid_config():
         cfg = load_finetune_config(config, settings)
     _run_on_ranks(lambda: finetune(cfg), "fine-tuning summary", as_json)
-
-
-def main() -> None:
-    """The command line (the console script's, after :mod:`kmim.__main__` imported it; and ``python -m kmim.cli``)."""
-    # The imported modules' objects (torch's alone are a few hundred thousand) live until the process exits: frozen,
-    # the cyclic collector never walks them again during the command. Here, not in the typer app, so that a process
-    # calling the app (tests) keeps its own collection and its own exit.
-    gc.freeze()
-    try:
-        app()
-    except SystemExit as done:
-        _exit(done.code)
-
-
-def _exit(code: object) -> NoReturn:
-    """End the process as ``sys.exit(code)`` would, without the interpreter's teardown: the threads are joined and
-    the atexit handlers run (Ray's shutdown, logging's flush) as at any exit, then the process ends. Tearing down
-    torch's modules and its libraries' static objects is all that is skipped: 0.13-0.2 s of every command."""
-    if code is not None and not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
-    threading._shutdown()  # what every exit does first: waits for the threads (idle pool workers let go)
-    atexit._run_exitfuncs()
-    with contextlib.suppress(OSError):  # a reader gone (kmim ... | head): nothing left to tell
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code or 0)
-
-
-if __name__ == "__main__":
-    main()

@@ -79,7 +79,7 @@ def start_holder(url: str, *argv: str, **env: str) -> subprocess.Popen:
 def cli_run(out: str, images: Path, **kw) -> subprocess.CompletedProcess:
     """``kmim run`` in a new process."""
     args = [f"--{k.replace('_', '-')}={v}" for k, v in job_overrides(input=str(images), **kw).items()]
-    return subprocess.run([sys.executable, "-m", "kmim.cli", "run", "--out", out, *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kmim", "run", "--out", out, *args], capture_output=True,
                           text=True, timeout=120)
 
 

@@ -277,7 +277,7 @@ def test_killed_job_resumes_to_the_same_manifest(tmp_path: Path) -> None:
             "--runner", "local", "--fit-patches", "5000"]
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kmim.cli", "run", "--out", str(killed), *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "kmim", "run", "--out", str(killed), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(list(killed.glob("shard-*.tar"))) < 3 and time.monotonic() < deadline and proc.poll() is None:

@@ -82,12 +82,12 @@ def test_ray_auth_token_state_can_be_reset() -> None:
 
 
 def test_python_exposes_the_exit_steps_the_cli_runs() -> None:
-    """kmim.cli._exit runs what interpreter shutdown runs first, then ends the process without the teardown."""
+    """kmim.__main__._exit runs what interpreter shutdown runs first, then ends the process without the teardown."""
     import atexit
     import platform
     import threading
 
     for owner, name in ((threading, "_shutdown"), (atexit, "_run_exitfuncs")):
         if not callable(getattr(owner, name, None)):
-            pytest.fail(f"Python {platform.python_version()} has no {owner.__name__}.{name}; adapt kmim.cli._exit",
+            pytest.fail(f"Python {platform.python_version()} has no {owner.__name__}.{name}; adapt kmim.__main__._exit",
                         pytrace=False)

@@ -91,8 +91,8 @@ def test_a_new_architecture_setting_is_checked_on_resume(tmp_path: Path) -> None
 
 
 def test_the_command_line_exits_with_its_code_and_all_its_output(tmp_path: Path) -> None:
-    # kmim's main() skips the interpreter's teardown: output through pipes still arrives whole, codes are kept
-    kmim = [sys.executable, "-m", "kmim.cli"]
+    # kmim.__main__ skips the interpreter's teardown: output through pipes still arrives whole, codes are kept
+    kmim = [sys.executable, "-m", "kmim"]
     shown = subprocess.run([*kmim, "run", "--help"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and "--kmeans-epochs" in shown.stdout and shown.stdout.rstrip().endswith("╯")
     wrong = subprocess.run([*kmim, "run", "--no-such-option"], capture_output=True, text=True, timeout=120)
