@@ -3,6 +3,7 @@ the cyclic collector off, run with the imported objects frozen, and ended withou
 
 import atexit
 import contextlib
+import ctypes
 import gc
 import os
 import sys
@@ -37,10 +38,11 @@ def _exit(code: object) -> NoReturn:
         code = 1
     threading._shutdown()  # what every exit does first: waits for the threads (idle pool workers let go)
     atexit._run_exitfuncs()
-    with contextlib.suppress(OSError):  # a reader gone (kmim ... | head): nothing left to tell
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code or 0)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(OSError, AttributeError, ValueError):  # gone (kmim ... | head), closed or None
+            stream.flush()
+    ctypes.CDLL(None).fflush(None)  # C stdio buffers, which native libraries print into
+    os._exit((code or 0) & 0xFF)  # the status the OS keeps, as sys.exit leaves it
 
 
 if __name__ == "__main__":

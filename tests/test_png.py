@@ -131,3 +131,26 @@ def test_damaged_plain_pngs_skip_exactly_when_and_why_the_pillow_path_does(monke
         assert type(ours) is type(pillows) and np.array_equal(ours, pillows), (ours, pillows)
     skipped = sum(isinstance(g, str) for g in got)
     assert plain > 100 and 100 < skipped < 400, (plain, skipped)
+
+
+def with_chunk(data: bytes, tag: bytes, body: bytes, after_image: bool) -> bytes:
+    """``data`` (a PNG) with a well-formed chunk inserted before its first IDAT, or (``after_image``) before IEND."""
+    chunk = struct.pack(">I", len(body)) + tag + body + zlib.crc32(tag + body).to_bytes(4, "big")
+    at = data.index(b"IEND" if after_image else b"IDAT") - 4
+    return data[:at] + chunk + data[at:]
+
+
+@pytest.mark.parametrize(("tag", "length"), [(b"gAMA", 4), (b"cHRM", 32), (b"sRGB", 1), (b"pHYs", 9), (b"tIME", 7),
+                                             (b"sBIT", 3)])
+def test_colour_chunks_of_any_length_skip_or_decode_as_on_the_pillow_path(tag: bytes, length: int,
+                                                                           monkeypatch) -> None:
+    # Pillow refuses some chunks shorter than specified (an empty gAMA: "truncated") that libpng only warns about.
+    seed = plain_pngs()[0]  # RGB
+    assert plain_png_size(with_chunk(seed, tag, bytes(range(length)), after_image=False)) is not None
+    cases = [with_chunk(seed, tag, bytes(range(n)), after) for n in sorted({0, 1, length - 1, length, length + 1})
+             for after in (False, True)]
+    got = [outcome(data) for data in cases]
+    monkeypatch.setattr("kmim.datasets.preprocess.plain_png_size", lambda data: None)  # every PNG to Pillow
+    for data, ours in zip(cases, got, strict=True):
+        pillows = outcome(data)
+        assert type(ours) is type(pillows) and np.array_equal(ours, pillows), (ours, pillows)

@@ -3,9 +3,9 @@
 PNG is lossless, so any conforming decoder gives Pillow's pixels; Pillow spends most of a small PNG's decode in its
 Python chunk reader (67 us of a 32 px CIFAR image, OpenCV's decode 34 us). A PNG is plain when its chunks are well
 formed (lengths and CRCs check out), the header says 8-bit RGB or gray, and every other chunk is image data or
-colour metadata neither decoder applies; every other PNG (transparency, EXIF or XMP orientation, text, animation,
-palettes, 16 bits), and any file OpenCV fails on, is left to the Pillow path, which also names the reason a bad file
-is skipped.
+colour metadata neither decoder applies, of its specified length; every other PNG (transparency, EXIF or XMP
+orientation, text, animation, palettes, 16 bits), and any file OpenCV fails on, is left to the Pillow path, which
+also names the reason a bad file is skipped. libpng prints a line to stderr for some damage it meets on the way.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import cv2
 import numpy as np
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PLAIN_CHUNKS = frozenset((b"IDAT", b"sRGB", b"gAMA", b"cHRM", b"pHYs", b"sBIT", b"tIME"))
+# The chunks a plain PNG may hold besides IHDR and IEND, with the data lengths the PNG specification gives them (None:
+# any). A chunk of another length goes to Pillow, which refuses some that libpng only warns about (an empty gAMA).
+_PLAIN_CHUNKS = {b"IDAT": None, b"sRGB": (1,), b"gAMA": (4,), b"cHRM": (32,), b"pHYs": (9,), b"sBIT": (1, 3),
+                 b"tIME": (7,)}
 _GRAY, _RGB = 0, 2  # IHDR colour types
 
 
@@ -41,7 +44,7 @@ def plain_png_size(data: bytes) -> tuple[int, int] | None:
             size = width, height
         elif tag == b"IEND":
             return size if end == len(data) else None
-        elif tag not in _PLAIN_CHUNKS:
+        elif tag not in _PLAIN_CHUNKS or _PLAIN_CHUNKS[tag] is not None and length not in _PLAIN_CHUNKS[tag]:
             return None
         pos = end
     return None

@@ -150,7 +150,8 @@ class Partition:
         self.x = _unit(x) if metric == "ip" else x
         # float64 [n]: the steps' costs come from them (summed_cost); widened a cacheful at a time, not one float64
         # copy of x (0.09 s -> 0.02 s for the CIFAR patches)
-        self.sq = torch.cat([(x64 ** 2).sum(1) for _, x64 in widened(self.x, None)])
+        with torch_threads(1):  # a row of over 32k elements would be summed in parts by several threads
+            self.sq = torch.cat([(x64 ** 2).sum(1) for _, x64 in widened(self.x, None)])
         self.offset, self.metric, self.method, self.device, self.exact = offset, metric, method, device, exact
         self.threads = torch.get_num_threads()  # of the searches not on faiss
         self.scratch = Scratch()
