@@ -107,6 +107,16 @@ def outcome(data: bytes) -> np.ndarray | str:
         return e.reason
 
 
+def outcomes_as_on_the_pillow_path(cases: list[bytes], monkeypatch) -> list[np.ndarray | str]:
+    """The outcome of each case, asserted equal to the one the Pillow path alone gives it."""
+    got = [outcome(data) for data in cases]
+    monkeypatch.setattr("kmim.datasets.preprocess.plain_png_size", lambda data: None)  # every PNG to Pillow
+    for data, ours in zip(cases, got, strict=True):
+        pillows = outcome(data)
+        assert type(ours) is type(pillows) and np.array_equal(ours, pillows), (ours, pillows)
+    return got
+
+
 # Damaged headers can state sizes Pillow warns about before kmim skips them.
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_damaged_plain_pngs_skip_exactly_when_and_why_the_pillow_path_does(monkeypatch) -> None:
@@ -123,12 +133,8 @@ def test_damaged_plain_pngs_skip_exactly_when_and_why_the_pillow_path_does(monke
         if rng.random() < 0.3:
             del data[rng.randrange(8, len(data)):]
         damaged.append(with_fixed_crcs(data) if rng.random() < 0.7 else bytes(data))
-    got = [outcome(data) for data in damaged]
     plain = sum(plain_png_size(data) is not None for data in damaged)
-    monkeypatch.setattr("kmim.datasets.preprocess.plain_png_size", lambda data: None)  # every PNG to Pillow
-    for data, ours in zip(damaged, got, strict=True):
-        pillows = outcome(data)
-        assert type(ours) is type(pillows) and np.array_equal(ours, pillows), (ours, pillows)
+    got = outcomes_as_on_the_pillow_path(damaged, monkeypatch)
     skipped = sum(isinstance(g, str) for g in got)
     assert plain > 100 and 100 < skipped < 400, (plain, skipped)
 
@@ -149,8 +155,4 @@ def test_colour_chunks_of_any_length_skip_or_decode_as_on_the_pillow_path(tag: b
     assert plain_png_size(with_chunk(seed, tag, bytes(range(length)), after_image=False)) is not None
     cases = [with_chunk(seed, tag, bytes(range(n)), after) for n in sorted({0, 1, length - 1, length, length + 1})
              for after in (False, True)]
-    got = [outcome(data) for data in cases]
-    monkeypatch.setattr("kmim.datasets.preprocess.plain_png_size", lambda data: None)  # every PNG to Pillow
-    for data, ours in zip(cases, got, strict=True):
-        pillows = outcome(data)
-        assert type(ours) is type(pillows) and np.array_equal(ours, pillows), (ours, pillows)
+    outcomes_as_on_the_pillow_path(cases, monkeypatch)
